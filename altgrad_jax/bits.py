@@ -1,0 +1,236 @@
+"""Bit-level kernels on the float32 pattern: rounding to a format, codes <-> values, ULP.
+
+Everything is integer arithmetic on ``bitcast(x, uint32)``, so results are exact (no ``log2``,
+no ``floor`` near powers of two) and independent of how a device treats float32 subnormals.
+
+The rounding kernel works in a per-element frame in which the target format's code sits in the
+high bits of ``v = |x|_bits - base``:
+
+* normal range of the format: ``base`` is a constant and ``v = code << (23 - M)``;
+* subnormal range: ``base`` is the start of x's own float32 binade, so ``v`` is x's significand
+  (with its implicit bit) and the code is ``v >> s``, the shift ``s <= 23`` growing as x shrinks.
+
+Rounding is then one add and one mask on ``v``; a carry out of the mantissa moves into the next
+binade by itself. Below the smallest positive value only two candidates remain, handled apart.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from altgrad_jax.formats import FloatFormat, FormatParams, format_params, get_format
+
+__all__ = ["ROUNDING_MODES", "Rounding", "from_bits", "round_float32", "to_bits", "ulp"]
+
+Rounding = Literal["nearest", "stochastic", "toward_zero"]
+ROUNDING_MODES: tuple[str, ...] = ("nearest", "stochastic", "toward_zero")
+
+_U32 = jnp.uint32
+_SIGN = 0x80000000
+_ABS = 0x7FFFFFFF
+_INF = 0x7F800000
+_QUIET_NAN = 0x7FC00000
+
+
+def _select(flag, on_true, on_false):
+    """``where`` that folds away when the flag is a Python bool (static format)."""
+    if isinstance(flag, (bool, np.bool_)):
+        return on_true if flag else on_false
+    return jnp.where(flag, on_true, on_false)
+
+
+def _as_f32(bits: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _as_u32(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, _U32)
+
+
+def round_float32(
+    x: jax.Array,
+    params: FormatParams,
+    rounding: Rounding = "nearest",
+    random_bits: jax.Array | None = None,
+) -> jax.Array:
+    """Rounds float32 ``x`` to the format described by ``params``; returns float32.
+
+    Finite overflow and inf saturate to the largest finite value (inf stays inf in formats with
+    inf); NaN stays NaN. ``random_bits`` (uint32, x's shape) drive stochastic rounding: the
+    element rounds up with probability (distance to the lower neighbour) / gap, resolved to
+    2**-23 of the gap (2**-24 below the smallest positive value).
+    """
+    p = params
+    bits = _as_u32(x)
+    a = bits & _U32(_ABS)
+    # Frame: the normal frame's start, or x's own binade when x lies below it (see module doc).
+    frame = jnp.minimum(jnp.maximum(a >> 23, _U32(1)), _U32(p.min_normal_field))
+    base = (frame - 1) << 23
+    shift_at_frame_start = _U32(23) - _U32(p.mantissa_bits) + _U32(p.min_normal_field)
+    shift = jnp.minimum(shift_at_frame_start - frame, _U32(23))
+    v = a - base
+    mask = (_U32(1) << shift) - 1
+    if rounding == "nearest":
+        # Half minus one, plus one more when the kept part is odd: ties go to the even code.
+        odd = (v >> shift) & 1
+        if not (isinstance(p.mantissa_bits, int) and p.mantissa_bits < 23):
+            odd = odd & mask  # shift 0 (M = 23): nothing to round
+        increment = (mask >> 1) + odd
+    elif rounding == "stochastic":
+        increment = random_bits & mask
+    elif rounding == "toward_zero":
+        increment = _U32(0)
+    else:
+        raise ValueError(f"unknown rounding {rounding!r}; expected one of {ROUNDING_MODES}")
+    out = jnp.minimum(((v + increment) & ~mask) + base, _U32(p.max_bits))
+
+    # Below the smallest positive value (or E8M0's float32-subnormal binade): two candidates.
+    if rounding == "nearest":
+        up = a > _U32(p.tiny_mid)
+    elif rounding == "stochastic":
+        low, high = _as_f32(_U32(p.tiny_low)), _as_f32(_U32(p.tiny_high))
+        gap = jnp.where(high > low, high - low, jnp.float32(1))
+        fraction = (_as_f32(a) - low) / gap
+        uniform = (random_bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+        up = uniform < fraction
+    else:
+        up = False
+    tiny = jnp.where(up, _U32(p.tiny_high), _U32(p.tiny_low))
+    out = jnp.where(a < _U32(p.tiny_limit), tiny, out)
+
+    out = _select(p.has_inf, jnp.where(a == _INF, _U32(_INF), out), out)
+    out = _select(p.signed, out | (bits & _U32(_SIGN)), out)
+    # Values the format has no code for: negatives in unsigned formats, zero without a zero.
+    if not (p.signed is True and p.has_zero is True):
+        negative = (bits & _U32(_SIGN)) != 0
+        invalid = (~jnp.asarray(p.signed) & negative & (a != 0)) | (
+            ~jnp.asarray(p.has_zero) & (a == 0)
+        )
+        replacement = jnp.where(p.has_nan, _U32(_QUIET_NAN), _U32(p.tiny_low))
+        out = jnp.where(invalid, replacement, out)
+    return _as_f32(jnp.where(a > _INF, bits, out))
+
+
+def _exponent_of(a: jax.Array) -> jax.Array:
+    """floor(log2(value)) of positive float32 magnitudes given as bits (int32; zero gives -150)."""
+    field = (a >> 23).astype(jnp.int32)
+    subnormal_exponent = (31 - jax.lax.clz(a).astype(jnp.int32)) - 149
+    return jnp.where(field > 0, field - 127, subnormal_exponent)
+
+
+def _power_of_two_bits(exponent: jax.Array) -> jax.Array:
+    """float32 bits of 2**exponent for integer exponents in [-149, 127]."""
+    normal = (exponent + 127).astype(_U32) << 23
+    subnormal = _U32(1) << jnp.clip(exponent + 149, 0, 31).astype(_U32)
+    return jnp.where(exponent >= -126, normal, subnormal)
+
+
+def _check_float(x: jax.Array, what: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{what} takes floating-point input, got dtype {x.dtype}")
+    return x
+
+
+def to_bits(x: jax.Array, fmt: FloatFormat | str) -> jax.Array:
+    """Codes of the values of ``fmt`` nearest to ``x`` (ties to even); uint8 for 8-bit formats.
+
+    Saturates like :func:`altgrad_jax.quantize`. NaN maps to the format's NaN code (sign kept);
+    formats without NaN have no code for it and return the all-ones code (``-max_value``).
+    """
+    fmt = get_format(fmt)
+    x = _check_float(x, "to_bits").astype(jnp.float32)
+    p = format_params(fmt)
+    q = _as_u32(round_float32(x, p))
+    a = q & _U32(_ABS)
+    m, e = fmt.mantissa_bits, fmt.exponent_bits
+    field = a >> 23
+    binade = jnp.maximum(field, _U32(1))
+    below_normal = field < _U32(p.min_normal_field)
+    significand = (a & _U32(0x7FFFFF)) | jnp.where(field > 0, _U32(1 << 23), _U32(0))
+    shift = jnp.where(below_normal, _U32(23 - m) + _U32(p.min_normal_field) - binade, 0)
+    subnormal_code = significand >> jnp.minimum(shift, _U32(31))
+    normal_code = (a - _U32((p.min_normal_field - 1) << 23)) >> (23 - m)
+    code = jnp.where(below_normal, subnormal_code, normal_code)
+
+    magnitude_bits = e + m
+    all_ones = (1 << magnitude_bits) - 1
+    if fmt.has_inf:
+        code = jnp.where(a == _INF, _U32(((1 << e) - 1) << m), code)
+        nan_code = (((1 << e) - 1) << m) | (1 << (m - 1))
+    else:
+        nan_code = all_ones
+    is_nan = a > _INF
+    if fmt.signed:
+        sign = (q >> 31) << magnitude_bits
+        code = jnp.where(is_nan, nan_code, code) | sign
+        if not fmt.has_nan:
+            code = jnp.where(is_nan, _U32((1 << fmt.total_bits) - 1), code)
+    else:
+        code = jnp.where(is_nan, _U32(all_ones), code)
+    return code.astype(fmt.code_dtype)
+
+
+def from_bits(codes: jax.Array, fmt: FloatFormat | str) -> jax.Array:
+    """float32 values of the codes of ``fmt`` (bits above ``fmt.total_bits`` are ignored)."""
+    fmt = get_format(fmt)
+    codes = jnp.asarray(codes)
+    if not jnp.issubdtype(codes.dtype, jnp.integer):
+        raise TypeError(f"from_bits takes integer codes, got dtype {codes.dtype}")
+    p = format_params(fmt)
+    m, e = fmt.mantissa_bits, fmt.exponent_bits
+    magnitude_bits = e + m
+    c = codes.astype(_U32) & _U32((1 << fmt.total_bits) - 1)
+    magnitude = c & _U32((1 << magnitude_bits) - 1)
+    exponent_code = magnitude >> m
+    fraction = magnitude & _U32((1 << m) - 1)
+
+    normal = (magnitude << (23 - m)) + _U32((p.min_normal_field - 1) << 23)
+    if not fmt.has_zero:
+        normal = jnp.where(magnitude == 0, _U32(p.tiny_low), normal)
+    # Subnormals (and all of fixed point): fraction * 2**(emin - M), normalised with clz.
+    lowest = fmt._emin - m
+    lead = 31 - jax.lax.clz(fraction).astype(jnp.int32)
+    exponent = lowest + lead
+    mantissa = (fraction << (23 - lead).astype(_U32)) & _U32(0x7FFFFF)
+    subnormal = ((exponent + 127).astype(_U32) << 23) | mantissa
+    if lowest < -126:
+        subnormal = jnp.where(exponent < -126, fraction << _U32(lowest + 149), subnormal)
+    subnormal = jnp.where(fraction == 0, _U32(0), subnormal)
+    if e == 0:
+        out = subnormal
+    elif fmt.has_zero:
+        out = jnp.where(exponent_code == 0, subnormal, normal)
+    else:
+        out = normal
+
+    top = (1 << e) - 1
+    if fmt.has_inf:
+        special = exponent_code == top
+        out = jnp.where(special, jnp.where(fraction == 0, _U32(_INF), _U32(_QUIET_NAN)), out)
+    elif fmt.has_nan:
+        out = jnp.where(magnitude == (1 << magnitude_bits) - 1, _U32(_QUIET_NAN), out)
+    if fmt.signed:
+        out = out | ((c >> magnitude_bits) << 31)
+    return _as_f32(out)
+
+
+def ulp(x: jax.Array, fmt: FloatFormat | str) -> jax.Array:
+    """Spacing of ``fmt``'s grid at ``|x|``: from the grid value at or below |x| to the next one.
+
+    ``2**(e - M)`` for |x| in the binade ``[2**e, 2**(e+1))``, the subnormal quantum below the
+    normal range, the top binade's spacing beyond ``max_value``; NaN for inf and NaN. float32.
+    """
+    fmt = get_format(fmt)
+    x = _check_float(x, "ulp").astype(jnp.float32)
+    a = _as_u32(x) & _U32(_ABS)
+    if fmt.is_fixed_point:
+        exponent = jnp.full(x.shape, fmt._emin, jnp.int32)
+    else:
+        exponent = jnp.clip(_exponent_of(a), fmt._emin, fmt.emax)
+    out = _as_f32(_power_of_two_bits(exponent - fmt.mantissa_bits))
+    return jnp.where(a >= _INF, jnp.float32(jnp.nan), out)

@@ -1,0 +1,438 @@
+"""Floating-point formats: specification, registry, grids and the constants the kernels need.
+
+A format is a sign / exponent / mantissa split with a bias and a choice of special codes. It is a
+frozen, hashable dataclass, so it can be a static argument of ``jax.jit``. Everything here is plain
+Python and NumPy: the JAX kernels that use these numbers live in :mod:`altgrad_jax.bits`.
+
+Semantics (as in the OCP 8-bit floating point and MX specifications):
+
+* ``exponent_bits == 0`` is sign-magnitude fixed point: ``m * 2**(-bias - M)``, ``|m| < 2**M``.
+* otherwise exponent code 0 holds zero and the subnormals ``m * 2**(1 - bias - M)``, and
+  exponent code ``e > 0`` holds ``(1 + m / 2**M) * 2**(e - bias)``.
+* ``has_inf``: IEEE style, the top exponent code holds inf (mantissa 0) and NaN (otherwise).
+* ``has_nan`` without ``has_inf``: only the all-ones code is NaN (OCP ``e4m3fn``).
+* ``signed=False`` drops the sign bit; ``has_zero=False`` makes exponent code 0 a normal binade, as
+  in the OCP MX scale format E8M0 (``2**(e - 127)``, no zero, 0xFF is NaN).
+
+References:
+  OCP 8-bit Floating Point Specification (OFP8), rev. 1.0, 2023.
+  OCP Microscaling Formats (MX) Specification, v1.0, 2023.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "FloatFormat",
+    "FormatParams",
+    "format_params",
+    "format_table",
+    "get_format",
+    "grid",
+    "list_formats",
+    "register_format",
+]
+
+_F32_MANTISSA_BITS = 23
+_F32_MIN_NORMAL_EXP = -126
+_F32_MAX_EXP = 127
+
+
+def _f32_bits(value: float) -> int:
+    """The float32 bit pattern of ``value`` (which must be exactly representable)."""
+    as_f32 = np.float32(value)
+    if float(as_f32) != value:
+        raise AssertionError(f"{value!r} is not exactly representable in float32")
+    return int(as_f32.view(np.uint32))
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatFormat:
+    """A simulated floating-point (or fixed-point) number format.
+
+    Args:
+      name: display name; lookups by name go through :func:`get_format`.
+      exponent_bits: E, 0 to 8. E = 0 is sign-magnitude fixed point.
+      mantissa_bits: M, 0 to 23 (stored fraction bits, without the implicit leading one).
+      bias: exponent bias (for fixed point, values are ``m * 2**(-bias - M)``).
+      has_inf: IEEE-style top exponent code for inf and NaN.
+      has_nan: the all-ones code is NaN (implied codes with ``has_inf``).
+      signed: whether a sign bit is present.
+      has_zero: False turns exponent code 0 into a normal binade (exponent-only scale formats).
+
+    Every finite value must be exactly representable in float32; the constructor raises
+    ``ValueError`` saying why otherwise.
+    """
+
+    name: str
+    exponent_bits: int
+    mantissa_bits: int
+    bias: int
+    has_inf: bool = False
+    has_nan: bool = False
+    signed: bool = True
+    has_zero: bool = True
+
+    def __post_init__(self) -> None:
+        for field in ("exponent_bits", "mantissa_bits", "bias"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise TypeError(f"{field} must be an int, got {value!r}")
+            object.__setattr__(self, field, int(value))
+        e, m = self.exponent_bits, self.mantissa_bits
+        problem = None
+        if not 0 <= e <= 8:
+            problem = f"exponent_bits={e} must be in [0, 8] (float32 carries 8)"
+        elif not 0 <= m <= _F32_MANTISSA_BITS:
+            problem = f"mantissa_bits={m} must be in [0, 23] (float32 carries 23)"
+        elif e == 0 and m == 0:
+            problem = "a format with no exponent and no mantissa bits has no nonzero value"
+        elif e == 0 and self.has_inf:
+            problem = "fixed point (exponent_bits=0) has no exponent code for inf"
+        elif self.has_inf and (m == 0 or not self.has_nan):
+            problem = "has_inf needs mantissa_bits >= 1 and has_nan=True (IEEE: top exponent codes)"
+        elif not self.has_zero and (m != 0 or e == 0 or self.has_inf):
+            problem = "has_zero=False is for exponent-only formats (mantissa_bits=0, no inf)"
+        elif not self.has_zero and self.bias > 127:
+            problem = (
+                f"bias={self.bias}: the smallest value 2**-{self.bias} is below float32's range"
+            )
+        elif self.max_code <= 0 or self.max_value <= 0:
+            problem = "the special codes leave no positive finite value"
+        elif self._emin < _F32_MIN_NORMAL_EXP and self.has_zero:
+            problem = (
+                f"bias={self.bias} puts the smallest normal exponent at {self._emin}, "
+                "below float32's -126, so its subnormals would not be exact in float32"
+            )
+        elif self.emax > _F32_MAX_EXP:
+            problem = (
+                f"bias={self.bias} puts the largest exponent at {self.emax}, "
+                "above float32's 127, so max_value would overflow float32"
+            )
+        if problem is not None:
+            raise ValueError(f"invalid format {self.name!r}: {problem}")
+
+    # ----------------------------------------------------------------------------- structure
+    @property
+    def total_bits(self) -> int:
+        """Bits in one code: sign (if signed) + exponent + mantissa."""
+        return int(self.signed) + self.exponent_bits + self.mantissa_bits
+
+    @property
+    def is_fixed_point(self) -> bool:
+        return self.exponent_bits == 0
+
+    @property
+    def _emin(self) -> int:
+        """Exponent of the lowest binade (where the subnormal spacing starts)."""
+        if self.exponent_bits == 0 or not self.has_zero:
+            return -self.bias
+        return 1 - self.bias
+
+    @property
+    def max_code(self) -> int:
+        """Magnitude code (sign bit clear) of ``max_value``."""
+        e, m = self.exponent_bits, self.mantissa_bits
+        all_ones = (1 << (e + m)) - 1
+        if self.has_inf:
+            return ((1 << e) - 1 << m) - 1
+        if self.has_nan:
+            return all_ones - 1
+        return all_ones
+
+    @property
+    def emax(self) -> int:
+        """Exponent of the binade holding ``max_value`` (for fixed point: of its leading bit)."""
+        return math.frexp(self.max_value)[1] - 1
+
+    def decode_magnitude(self, code: int) -> float:
+        """Exact value of a finite magnitude code (sign bit clear), as a Python float."""
+        m = self.mantissa_bits
+        exponent_code, fraction = code >> m, code & ((1 << m) - 1)
+        if self.exponent_bits == 0 or (self.has_zero and exponent_code == 0):
+            return math.ldexp(fraction, self._emin - m)
+        return math.ldexp((1 << m) + fraction, exponent_code - self.bias - m)
+
+    # ------------------------------------------------------------------------------ values
+    @property
+    def max_value(self) -> float:
+        return self.decode_magnitude(self.max_code)
+
+    @property
+    def min_value(self) -> float:
+        """The most negative finite value (0 or the smallest positive one when unsigned)."""
+        return -self.max_value if self.signed else self.smallest_positive
+
+    @property
+    def min_subnormal(self) -> float:
+        """The smallest positive value (a subnormal when the format has subnormals)."""
+        return self.smallest_positive
+
+    @property
+    def smallest_positive(self) -> float:
+        return self.decode_magnitude(0 if not self.has_zero else 1)
+
+    @property
+    def min_normal(self) -> float:
+        """Smallest positive normal value.
+
+        Fixed point has no subnormals (its grid is uniform), so there every nonzero value counts
+        as normal and ``min_normal == min_subnormal``.
+        """
+        if self.exponent_bits == 0:
+            return self.smallest_positive
+        return math.ldexp(1.0, self._emin)
+
+    @property
+    def epsilon(self) -> float:
+        """Relative spacing of normal values, 2**-M."""
+        return math.ldexp(1.0, -self.mantissa_bits)
+
+    @property
+    def num_codes(self) -> int:
+        return 1 << self.total_bits
+
+    @property
+    def code_dtype(self) -> np.dtype:
+        """Smallest unsigned dtype holding one code (uint8 for 8-bit formats)."""
+        for dtype in (np.uint8, np.uint16, np.uint32):
+            if self.total_bits <= np.iinfo(dtype).bits:
+                return np.dtype(dtype)
+        raise AssertionError("formats have at most 32 bits")
+
+    def __repr__(self) -> str:
+        flags = [
+            flag
+            for flag, on in (
+                ("inf", self.has_inf),
+                ("nan", self.has_nan and not self.has_inf),
+                ("unsigned", not self.signed),
+                ("no zero", not self.has_zero),
+            )
+            if on
+        ]
+        extra = f", {', '.join(flags)}" if flags else ""
+        return (
+            f"FloatFormat({self.name}: E{self.exponent_bits}M{self.mantissa_bits}, "
+            f"bias={self.bias}, max={self.max_value:.6g}{extra})"
+        )
+
+
+# --------------------------------------------------------------------------------- registry
+E0M7 = FloatFormat("E0M7", 0, 7, 0)
+E1M6 = FloatFormat("E1M6", 1, 6, 0)
+E2M5 = FloatFormat("E2M5", 2, 5, 1)
+E3M4 = FloatFormat("E3M4", 3, 4, 1)
+E4M3 = FloatFormat("E4M3", 4, 3, 7, has_nan=True)
+E5M2 = FloatFormat("E5M2", 5, 2, 15, has_inf=True, has_nan=True)
+E6M1 = FloatFormat("E6M1", 6, 1, 31)
+E7M0 = FloatFormat("E7M0", 7, 0, 63)
+FP16 = FloatFormat("FP16", 5, 10, 15, has_inf=True, has_nan=True)
+BF16 = FloatFormat("BF16", 8, 7, 127, has_inf=True, has_nan=True)
+# OCP MX element formats and the MX shared-scale format.
+E2M1 = FloatFormat("E2M1", 2, 1, 1)
+E2M3 = FloatFormat("E2M3", 2, 3, 1)
+E3M2 = FloatFormat("E3M2", 3, 2, 3)
+E8M0 = FloatFormat("E8M0", 8, 0, 127, has_nan=True, signed=False, has_zero=False)
+
+EIGHT_BIT_FORMATS: tuple[FloatFormat, ...] = (E0M7, E1M6, E2M5, E3M4, E4M3, E5M2, E6M1, E7M0)
+
+_REGISTRY: dict[str, FloatFormat] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def _normalize(name: str) -> str:
+    return name.strip().upper().replace("-", "_")
+
+
+def register_format(fmt: FloatFormat, aliases: tuple[str, ...] = ()) -> FloatFormat:
+    """Adds ``fmt`` to the registry under its name and ``aliases``; returns it."""
+    key = _normalize(fmt.name)
+    existing = _REGISTRY.get(key)
+    if existing is not None and existing != fmt:
+        raise ValueError(f"a different format is already registered as {fmt.name!r}: {existing}")
+    _REGISTRY[key] = fmt
+    for alias in aliases:
+        _ALIASES[_normalize(alias)] = key
+    return fmt
+
+
+for _fmt, _aliases in (
+    (E0M7, ("FP8_E0M7",)),
+    (E1M6, ("FP8_E1M6",)),
+    (E2M5, ("FP8_E2M5",)),
+    (E3M4, ("FP8_E3M4",)),
+    (E4M3, ("FP8_E4M3", "E4M3FN", "FP8_E4M3FN", "FLOAT8_E4M3FN")),
+    (E5M2, ("FP8_E5M2", "FLOAT8_E5M2")),
+    (E6M1, ("FP8_E6M1",)),
+    (E7M0, ("FP8_E7M0",)),
+    (FP16, ("FLOAT16", "HALF", "E5M10")),
+    (BF16, ("BFLOAT16", "E8M7")),
+    (E2M1, ("FP4_E2M1", "MXFP4", "FLOAT4_E2M1FN")),
+    (E2M3, ("FP6_E2M3", "MXFP6_E2M3", "FLOAT6_E2M3FN")),
+    (E3M2, ("FP6_E3M2", "MXFP6_E3M2", "FLOAT6_E3M2FN")),
+    (E8M0, ("E8M0FNU", "FLOAT8_E8M0FNU")),
+):
+    register_format(_fmt, _aliases)
+
+
+def list_formats() -> tuple[str, ...]:
+    """Names of the registered formats, in registration order."""
+    return tuple(fmt.name for fmt in _REGISTRY.values())
+
+
+def get_format(name: str | FloatFormat) -> FloatFormat:
+    """Looks a format up by name, case-insensitively ("E4M3", "e4m3", "FP8_E4M3").
+
+    A :class:`FloatFormat` is returned as is, so APIs can accept either. Raises ``ValueError``
+    listing the known names when ``name`` is unknown.
+    """
+    if isinstance(name, FloatFormat):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"format must be a name or a FloatFormat, got {type(name).__name__}")
+    key = _normalize(name)
+    key = _ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown format {name!r}; known formats: {', '.join(list_formats())}")
+    return _REGISTRY[key]
+
+
+# --------------------------------------------------------------------------- grids, table
+@functools.cache
+def _positive_grid(fmt: FloatFormat) -> np.ndarray:
+    values = [fmt.decode_magnitude(code) for code in range(fmt.max_code + 1)]
+    return np.asarray(values, dtype=np.float64)
+
+
+def grid(fmt: FloatFormat | str, *, negative: bool = True) -> np.ndarray:
+    """All finite values of ``fmt``, sorted ascending, as float64 (zero once, no -0).
+
+    Only for formats of at most 16 bits (a 65536-entry grid); larger ones raise ``ValueError``.
+    """
+    fmt = get_format(fmt)
+    if fmt.total_bits > 16:
+        raise ValueError(f"grid of {fmt.name} would have 2**{fmt.total_bits} entries; max 16 bits")
+    positive = _positive_grid(fmt)
+    if negative and fmt.signed:
+        nonzero = positive[positive > 0]
+        return np.concatenate([-nonzero[::-1], positive])
+    return positive.copy()
+
+
+def format_table(formats: tuple[FloatFormat | str, ...] | None = None) -> str:
+    """A plain-text table of formats: bits, bias, range and number of codes."""
+    fmts = [get_format(f) for f in formats] if formats else list(_REGISTRY.values())
+    header = ("name", "E", "M", "bias", "max", "min normal", "min subnormal", "codes", "special")
+    rows = [header]
+    for f in fmts:
+        special = "inf+nan" if f.has_inf else ("nan" if f.has_nan else "-")
+        if not f.signed:
+            special += ", unsigned"
+        rows.append(
+            (
+                f.name,
+                str(f.exponent_bits),
+                str(f.mantissa_bits),
+                str(f.bias),
+                f"{f.max_value:.6g}",
+                f"{f.min_normal:.6g}",
+                f"{f.min_subnormal:.6g}",
+                str(f.num_codes),
+                special,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.rjust(w) if i else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------- kernel constants
+class FormatParams(NamedTuple):
+    """The numbers the rounding kernel needs, derived from a format.
+
+    With Python ints (``format_params(fmt)``) every branch folds away at trace time. As arrays
+    (``format_params(fmt).as_arrays()`` or :func:`stack_format_params`) the format becomes a traced
+    value, so one compiled program serves many formats and ``vmap`` can run over formats.
+
+    All ``*_bits`` are float32 bit patterns of magnitudes.
+    """
+
+    mantissa_bits: object  # M
+    min_normal_field: object  # float32 exponent field where the format's normal frame starts
+    max_bits: object  # max_value
+    tiny_limit: object  # below this magnitude only tiny_low / tiny_high are candidates
+    tiny_mid: object  # the tie point between tiny_low and tiny_high
+    tiny_low: object
+    tiny_high: object
+    signed: object
+    has_inf: object
+    has_nan: object
+    has_zero: object
+
+    def as_arrays(self) -> FormatParams:
+        """The same numbers as JAX arrays (uint32 and bool), for traced formats."""
+        import jax.numpy as jnp
+
+        return FormatParams(
+            *(jnp.asarray(v, jnp.uint32) for v in self[:7]),
+            *(jnp.asarray(v, jnp.bool_) for v in self[7:]),
+        )
+
+
+@functools.cache
+def format_params(fmt: FloatFormat) -> FormatParams:
+    """Kernel constants of ``fmt`` as Python ints (see :class:`FormatParams`)."""
+    m = fmt.mantissa_bits
+    emin = fmt._emin
+    if fmt.has_zero:
+        # Normal frame from 2**emin up; below one quantum the candidates are 0 and the quantum,
+        # and the tie (half a quantum) goes to 0, the even code.
+        min_normal_field = emin + 127
+        quantum = math.ldexp(1.0, emin - m)
+        tiny_limit = tiny_high = _f32_bits(quantum)
+        half = quantum / 2
+        tiny_mid = _f32_bits(half) if half >= math.ldexp(1.0, -149) else 0
+        tiny_low = 0
+    else:
+        # Exponent-only (M = 0, no zero): below 2**(emin+1) the candidates are 2**emin and
+        # 2**(emin+1) (everything smaller rounds up to 2**emin); the normal frame starts above.
+        min_normal_field = emin + 128
+        low = math.ldexp(1.0, emin)
+        tiny_low = _f32_bits(low)
+        tiny_limit = tiny_high = _f32_bits(2 * low)
+        tiny_mid = _f32_bits(1.5 * low)
+    return FormatParams(
+        mantissa_bits=m,
+        min_normal_field=min_normal_field,
+        max_bits=_f32_bits(fmt.max_value),
+        tiny_limit=tiny_limit,
+        tiny_mid=tiny_mid,
+        tiny_low=tiny_low,
+        tiny_high=tiny_high,
+        signed=fmt.signed,
+        has_inf=fmt.has_inf,
+        has_nan=fmt.has_nan,
+        has_zero=fmt.has_zero,
+    )
+
+
+def stack_format_params(formats: tuple[FloatFormat | str, ...]) -> FormatParams:
+    """Kernel constants of several formats stacked on a leading axis, for ``vmap``."""
+    import jax.numpy as jnp
+
+    per_format = [format_params(get_format(f)).as_arrays() for f in formats]
+    return FormatParams(*(jnp.stack(field) for field in zip(*per_format, strict=True)))
