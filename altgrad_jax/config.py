@@ -1,0 +1,146 @@
+"""Quantization configuration shared by the Linen and NNX modules.
+
+A quantized matmul has three tensor roles: the inputs (activations), the weights, and the output
+gradient in the backward pass. :class:`QuantConfig` gives each role its own :class:`TensorQuant`
+(format, rounding, scaling) or ``None`` for "leave this tensor alone". Both classes are frozen and
+hashable, so a config is a static argument of ``jax.jit`` and every choice in it is resolved while
+tracing. The defaults mirror FP8 training practice (Micikevicius et al., 2022): E4M3 forward, E5M2
+for the output gradients, current scaling with a 16-step amax history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from altgrad_jax.bits import ROUNDING_MODES, Rounding
+from altgrad_jax.formats import FloatFormat, get_format
+from altgrad_jax.scaling import (
+    AMAX_ALGORITHMS,
+    DEFAULT_MARGIN,
+    DEFAULT_SCALE_MIN,
+    SCALING_MODES,
+    ScalingMode,
+)
+
+__all__ = ["ROLES", "QuantConfig", "TensorQuant"]
+
+# The tensor roles of a quantized dot_general, in the order their PRNG keys are derived.
+ROLES: tuple[str, ...] = ("inputs", "weights", "output_grads")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorQuant:
+    """How one tensor role is quantized: ``quantize(x, format, scale, rounding=...)``.
+
+    Args:
+      format: a :class:`FloatFormat` or a registered name (resolved with ``get_format``).
+      rounding: "nearest", "stochastic" (needs the config's RNG stream) or "toward_zero".
+      scaling: "current" (this tensor's amax enters the history before the scale is taken) or
+        "delayed" (the scale comes from earlier steps only).
+      history_len: length of the amax window, >= 1.
+      margin: headroom factor in ``scale = amax * margin / max_value``.
+      amax_algorithm: "max" over the window or "most_recent".
+      scale_min: floor of the scale, so an all-zero tensor never divides by zero.
+    """
+
+    format: FloatFormat | str
+    rounding: Rounding = "nearest"
+    scaling: ScalingMode = "current"
+    history_len: int = 16
+    margin: float = DEFAULT_MARGIN
+    amax_algorithm: str = "max"
+    scale_min: float = DEFAULT_SCALE_MIN
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "format", get_format(self.format))
+        if self.rounding not in ROUNDING_MODES:
+            raise ValueError(
+                f"unknown rounding {self.rounding!r}; expected one of {ROUNDING_MODES}"
+            )
+        if self.scaling not in SCALING_MODES:
+            raise ValueError(f"unknown scaling {self.scaling!r}; expected one of {SCALING_MODES}")
+        if self.amax_algorithm not in AMAX_ALGORITHMS:
+            raise ValueError(
+                f"unknown amax_algorithm {self.amax_algorithm!r}; expected one of {AMAX_ALGORITHMS}"
+            )
+        bad_len = isinstance(self.history_len, bool) or not isinstance(self.history_len, int)
+        if bad_len or self.history_len < 1:
+            raise ValueError(f"history_len must be an int >= 1, got {self.history_len!r}")
+        if not self.margin > 0:
+            raise ValueError(f"margin must be positive, got {self.margin!r}")
+        if not self.scale_min > 0:
+            raise ValueError(f"scale_min must be positive, got {self.scale_min!r}")
+
+
+RoleSpec = TensorQuant | FloatFormat | str | None
+
+
+def _as_tensor_quant(role: str, spec: RoleSpec) -> TensorQuant | None:
+    if spec is None or isinstance(spec, TensorQuant):
+        return spec
+    if isinstance(spec, (str, FloatFormat)):
+        return TensorQuant(spec)
+    raise TypeError(
+        f"QuantConfig.{role} must be a TensorQuant, a format (name or FloatFormat) or None, "
+        f"got {spec!r}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Per-role quantization of a dot_general; ``None`` leaves that role in full precision.
+
+    A role may be given as a format name or :class:`FloatFormat` (default :class:`TensorQuant`
+    settings) or as a full :class:`TensorQuant`.
+
+    Args:
+      inputs: the left operand (activations).
+      weights: the right operand (kernel).
+      output_grads: the cotangent of the output, quantized inside the custom VJP.
+      stats: sow / return quantization statistics (fractions saturated, underflowed, subnormal,
+        NaN, and the scale). Off by default: a config without stats computes none of them.
+      rng_stream: name of the RNG stream stochastic rounding draws from (Linen ``rngs`` key,
+        NNX ``Rngs`` stream).
+    """
+
+    inputs: RoleSpec = "E4M3"
+    weights: RoleSpec = "E4M3"
+    output_grads: RoleSpec = "E5M2"
+    stats: bool = False
+    rng_stream: str = "quant"
+
+    def __post_init__(self) -> None:
+        for role in ROLES:
+            object.__setattr__(self, role, _as_tensor_quant(role, getattr(self, role)))
+        if not isinstance(self.rng_stream, str) or not self.rng_stream:
+            raise ValueError(f"rng_stream must be a non-empty string, got {self.rng_stream!r}")
+
+    @classmethod
+    def uniform(
+        cls,
+        forward: FloatFormat | str | None = "E4M3",
+        backward: FloatFormat | str | None = "E5M2",
+        **settings,
+    ) -> QuantConfig:
+        """One format for inputs and weights, one for output gradients, shared ``settings``.
+
+        ``settings`` are :class:`TensorQuant` fields (rounding, scaling, history_len, margin...)
+        plus the QuantConfig fields ``stats`` and ``rng_stream``.
+        """
+        own = {k: settings.pop(k) for k in ("stats", "rng_stream") if k in settings}
+
+        def role(fmt: FloatFormat | str | None) -> TensorQuant | None:
+            return None if fmt is None else TensorQuant(fmt, **settings)
+
+        return cls(role(forward), role(forward), role(backward), **own)
+
+    def role(self, name: str) -> TensorQuant | None:
+        """The :class:`TensorQuant` of role ``name`` (one of :data:`ROLES`)."""
+        if name not in ROLES:
+            raise ValueError(f"unknown role {name!r}; expected one of {ROLES}")
+        return getattr(self, name)
+
+    @property
+    def needs_rng(self) -> bool:
+        """Whether any role rounds stochastically (and so needs ``rng_stream``)."""
+        return any(q is not None and q.rounding == "stochastic" for q in map(self.role, ROLES))

@@ -1,0 +1,23 @@
+"""Quantized Flax Linen layers, model-wide path rules, and a train-step gradient helper."""
+
+from altgrad_jax.linen.modules import (
+    QUANT_STATE,
+    QUANT_STATS,
+    QuantDense,
+    QuantDotGeneral,
+    QuantEinsum,
+)
+from altgrad_jax.linen.rules import quant_rules, quantized_clone
+from altgrad_jax.linen.train import merge_quant_state, quant_value_and_grad
+
+__all__ = [
+    "QUANT_STATE",
+    "QUANT_STATS",
+    "QuantDense",
+    "QuantDotGeneral",
+    "QuantEinsum",
+    "merge_quant_state",
+    "quant_rules",
+    "quant_value_and_grad",
+    "quantized_clone",
+]

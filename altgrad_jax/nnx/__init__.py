@@ -1,0 +1,21 @@
+"""Quantized Flax NNX layers and a train-step gradient helper."""
+
+from altgrad_jax.nnx.modules import (
+    OutputGradState,
+    QuantEinsum,
+    QuantLayer,
+    QuantLinear,
+    QuantState,
+    QuantStatsVariable,
+)
+from altgrad_jax.nnx.train import quant_value_and_grad
+
+__all__ = [
+    "OutputGradState",
+    "QuantEinsum",
+    "QuantLayer",
+    "QuantLinear",
+    "QuantState",
+    "QuantStatsVariable",
+    "quant_value_and_grad",
+]
