@@ -17,6 +17,7 @@ from typing import Literal
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from altgrad_jax.formats import FloatFormat, FormatParams, get_format
 
@@ -86,10 +87,12 @@ class AmaxHistory:
         return jnp.where(self.count > 0, amax, jnp.float32(1.0))
 
 
-def _max_value(fmt: FloatFormat | str | FormatParams) -> jax.Array | float:
+def _scale_factor(fmt: FloatFormat | str | FormatParams, margin: float) -> jax.Array:
+    """``margin / max_value`` rounded once to float32, the same for static and traced formats."""
     if isinstance(fmt, FormatParams):
-        return jax.lax.bitcast_convert_type(jnp.asarray(fmt.max_bits, jnp.uint32), jnp.float32)
-    return get_format(fmt).max_value
+        max_value = jax.lax.bitcast_convert_type(jnp.asarray(fmt.max_bits, jnp.uint32), jnp.float32)
+        return jnp.float32(margin) / max_value
+    return jnp.float32(np.float32(margin) / np.float32(get_format(fmt).max_value))
 
 
 def compute_scale(
@@ -100,15 +103,16 @@ def compute_scale(
 ) -> jax.Array:
     """``max(amax * margin / fmt.max_value, scale_min)``; ``scale_min`` when amax < scale_min.
 
-    The floor keeps an all-zero tensor from producing a zero scale. NaN amax gives a NaN scale,
-    so a NaN in the data stays visible downstream.
+    Computed as ``amax * (margin / max_value)`` with the factor rounded once to float32, so the
+    bits are the same eagerly, under ``jit`` and for traced formats. The floor keeps an all-zero
+    tensor from producing a zero scale; a NaN amax gives a NaN scale, so NaN stays visible.
     """
     if not scale_min > 0:
         raise ValueError(f"scale_min must be positive, got {scale_min}")
     if not margin > 0:
         raise ValueError(f"margin must be positive, got {margin}")
     amax = jnp.asarray(amax, jnp.float32)
-    scale = jnp.maximum(amax * jnp.float32(margin) / _max_value(fmt), jnp.float32(scale_min))
+    scale = jnp.maximum(amax * _scale_factor(fmt, margin), jnp.float32(scale_min))
     return jnp.where(amax < scale_min, jnp.float32(scale_min), scale)
 
 
