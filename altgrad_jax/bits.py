@@ -68,7 +68,10 @@ def round_float32(
     bits = _as_u32(x)
     a = bits & _U32(_ABS)
     # Frame: the normal frame's start, or x's own binade when x lies below it (see module doc).
-    frame = jnp.minimum(jnp.maximum(a >> 23, _U32(1)), _U32(p.min_normal_field))
+    field = a >> 23
+    if not (isinstance(p.tiny_limit, int) and p.tiny_limit > 0x7FFFFF):
+        field = jnp.maximum(field, _U32(1))  # float32 subnormals share binade 1's frame
+    frame = jnp.minimum(field, _U32(p.min_normal_field))
     base = (frame - 1) << 23
     shift_at_frame_start = _U32(23) - _U32(p.mantissa_bits) + _U32(p.min_normal_field)
     shift = jnp.minimum(shift_at_frame_start - frame, _U32(23))
