@@ -24,9 +24,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import jax
 
 __all__ = [
     "FloatFormat",
@@ -371,17 +374,17 @@ class FormatParams(NamedTuple):
     All ``*_bits`` are float32 bit patterns of magnitudes.
     """
 
-    mantissa_bits: object  # M
-    min_normal_field: object  # float32 exponent field where the format's normal frame starts
-    max_bits: object  # max_value
-    tiny_limit: object  # below this magnitude only tiny_low / tiny_high are candidates
-    tiny_mid: object  # the tie point between tiny_low and tiny_high
-    tiny_low: object
-    tiny_high: object
-    signed: object
-    has_inf: object
-    has_nan: object
-    has_zero: object
+    mantissa_bits: int | jax.Array  # M
+    min_normal_field: int | jax.Array  # float32 exponent field where the normal frame starts
+    max_bits: int | jax.Array  # max_value
+    tiny_limit: int | jax.Array  # below this magnitude only tiny_low / tiny_high are candidates
+    tiny_mid: int | jax.Array  # the tie point between tiny_low and tiny_high
+    tiny_low: int | jax.Array
+    tiny_high: int | jax.Array
+    signed: bool | jax.Array
+    has_inf: bool | jax.Array
+    has_nan: bool | jax.Array
+    has_zero: bool | jax.Array
 
     def as_arrays(self) -> FormatParams:
         """The same numbers as JAX arrays (uint32 and bool), for traced formats."""
