@@ -13,20 +13,36 @@ Formats are a FloatFormat, a name, a ``PathRules`` (path -> format | None), or t
 """
 
 from altgrad_jax.optim._common import grid_spacing, pow2_scale
+from altgrad_jax.optim.monitor import (
+    HISTOGRAM_EDGES,
+    HISTOGRAM_LABELS,
+    StallMonitorState,
+    UpdateStats,
+    monitor_stall,
+    stall_stats,
+)
 from altgrad_jax.optim.storage import (
     STORAGE_RULES,
     LandedStats,
     LowPrecisionState,
     apply_updates,
+    landed_stats,
     low_precision_storage,
 )
 
 __all__ = [
+    "HISTOGRAM_EDGES",
+    "HISTOGRAM_LABELS",
     "STORAGE_RULES",
     "LandedStats",
     "LowPrecisionState",
+    "StallMonitorState",
+    "UpdateStats",
     "apply_updates",
     "grid_spacing",
+    "landed_stats",
     "low_precision_storage",
+    "monitor_stall",
     "pow2_scale",
+    "stall_stats",
 ]

@@ -51,6 +51,7 @@ __all__ = [
     "LandedStats",
     "LowPrecisionState",
     "apply_updates",
+    "landed_stats",
     "low_precision_storage",
 ]
 
@@ -256,3 +257,11 @@ def apply_updates(params: Any, updates: Any, opt_state: Any) -> Any:
             if leaf_fmt is not None:
                 leaves[i] = quantize(w, leaf_fmt, scales[i])
     return treedef.unflatten(leaves)
+
+
+def landed_stats(opt_state: Any) -> LandedStats:
+    """The :class:`LandedStats` of the first :func:`low_precision_storage` in ``opt_state``."""
+    states = find_states(opt_state, LowPrecisionState)
+    if not states:
+        raise ValueError("opt_state holds no low_precision_storage state")
+    return states[0].landed

@@ -1,0 +1,199 @@
+"""Stall monitor: statistics equal the core detectors, flip metrics, counters, optax wrappers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from altgrad_jax import E3M4, E5M2, E7M0, compute_scale, detect_bit_stall, tree_bit_stall
+from altgrad_jax.formats import format_params
+from altgrad_jax.optim import (
+    HISTOGRAM_LABELS,
+    StallMonitorState,
+    apply_updates,
+    low_precision_storage,
+    monitor_stall,
+    stall_stats,
+)
+from altgrad_jax.rules import PathRules
+from altgrad_jax.stall import ExactCount
+
+KEYS = jax.random.split(jax.random.key(0), 4)
+PARAMS = {
+    "dense": {
+        "kernel": jax.random.normal(KEYS[0], (32, 16)),
+        "bias": jax.random.normal(KEYS[1], (16,)),
+    },
+    "step": jnp.array(3, jnp.int32),
+}
+GRADS = {
+    "dense": {
+        "kernel": jax.random.normal(KEYS[2], (32, 16)),
+        "bias": jax.random.normal(KEYS[3], (16,)).at[0].set(0.0),
+    },
+    "step": jnp.array(0, jnp.int32),
+}
+
+
+def _float_part(tree):
+    return {"dense": tree["dense"]}
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_stats_equal_core_detectors_and_updates_unchanged(name):
+    inner = getattr(optax, name)(0.01)
+    wrapped = monitor_stall(getattr(optax, name)(0.01), E5M2)
+    plain_updates, plain_state = jax.jit(inner.update)(GRADS, inner.init(PARAMS), PARAMS)
+    updates, state = jax.jit(wrapped.update)(GRADS, wrapped.init(PARAMS), PARAMS)
+    for a, b in zip(
+        jax.tree.leaves((plain_updates, plain_state)),
+        jax.tree.leaves((updates, state.inner_state)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    expected = tree_bit_stall(
+        _float_part(PARAMS), _float_part(plain_updates), E5M2, grads=_float_part(GRADS)
+    )
+    stats = stall_stats(state)
+    assert int(stats.last.stalled) == int(expected.stall_count)
+    assert int(stats.last.counted) == int(expected.total_count) == 32 * 16 + 15
+    for name in ("kernel", "bias"):
+        leaf = stats.leaf_last["dense"][name]
+        assert int(leaf.stalled) == int(expected.leaf_stall["dense"][name])
+    assert stats.leaf_last["step"] is None
+    # For SGD the update is -lr * g, which is exactly what detect_bit_stall applies.
+    if name == "sgd":
+        w, g = PARAMS["dense"]["kernel"], GRADS["dense"]["kernel"]
+        stall, total = detect_bit_stall(w, g, 0.01, E5M2, compute_scale(jnp.max(jnp.abs(w)), E5M2))
+        assert int(stats.leaf_last["dense"]["kernel"].stalled) == int(stall)
+        assert int(stats.leaf_last["dense"]["kernel"].counted) == int(total)
+
+
+def _seed_stall_rate(fmt):
+    w = jax.random.normal(jax.random.key(1), (20000,))
+    g = jax.random.normal(jax.random.key(2), (20000,))
+    opt = monitor_stall(optax.sgd(0.01), fmt)
+    _, state = jax.jit(opt.update)({"w": g}, opt.init({"w": w}), {"w": w})
+    return float(stall_stats(state).last.stall_rate)
+
+
+def test_seed_scenario_most_updates_stall_and_e7m0_stalls_most():
+    e5m2, e3m4, e7m0 = (_seed_stall_rate(f) for f in (E5M2, E3M4, E7M0))
+    assert e5m2 > 0.8
+    assert e7m0 > e5m2 and e7m0 > e3m4
+
+
+def test_flip_metrics_on_hand_built_numbers():
+    """E5M2 at scale 1: spacing 0.25 on [1, 2), 0.5 on [2, 4), 2**-16 at zero."""
+    w = jnp.array([1.0, 1.0, 1.0, 0.0, 2.0], jnp.float32)
+    u = jnp.array([0.0, 0.01, 0.2, 2.0**-20, -0.3], jnp.float32)
+    g = jnp.array([0.0, 1.0, 1.0, 1e-12, 1.0], jnp.float32)
+    opt = monitor_stall(optax.stateless(lambda updates, params: {"w": u}), E5M2, scale=1.0)
+    _, state = opt.update({"w": g}, opt.init({"w": w}), {"w": w})
+    leaf = stall_stats(state).leaf_last["w"]
+    # Counted: entries 1, 2, 4. Entry 1 (0.04 ULP) stalls; 1.2 -> 1.25 and 1.7 -> 1.75 flip.
+    assert (int(leaf.counted), int(leaf.stalled), int(leaf.flipped)) == (3, 1, 2)
+    assert (int(leaf.moved), int(leaf.entries)) == (4, 5)
+    np.testing.assert_array_equal(np.asarray(leaf.histogram), [1, 0, 1, 1, 0, 2, 0, 0])
+    assert len(HISTOGRAM_LABELS) == 8
+    assert float(leaf.landed) == 0.5
+    assert float(leaf.requested) == float(jnp.sum(jnp.abs(u)))
+    totals = stall_stats(state).last
+    assert float(totals.flip_rate) == np.float32(0.4) and float(totals.update_rate) == np.float32(
+        0.8
+    )
+    assert float(totals.stall_rate) == pytest.approx(1 / 3)
+    assert float(totals.landed_ratio) == pytest.approx(0.5 / float(jnp.sum(jnp.abs(u))))
+
+
+def test_running_totals_are_exact_past_2_to_32():
+    opt = monitor_stall(optax.sgd(0.01), E5M2)
+    state = opt.init(PARAMS)
+    near = ExactCount(jnp.uint32(0), jnp.uint32(2**32 - 3))
+    state = state._replace(total=state.total._replace(counted=near, entries=near))
+    _, state = jax.jit(opt.update)(GRADS, state, PARAMS)
+    assert int(state.total.counted) == 2**32 - 3 + 32 * 16 + 15
+    assert int(state.total.entries) == 2**32 - 3 + 32 * 16 + 16
+    assert int(state.steps) == 1
+
+
+def test_works_in_chain_inject_hyperparams_and_multisteps():
+    schedule = optax.linear_schedule(0.1, 0.01, 3)
+    injected = optax.inject_hyperparams(
+        lambda learning_rate: monitor_stall(optax.sgd(learning_rate), E5M2)
+    )(learning_rate=schedule)
+    opt = optax.chain(optax.clip(10.0), injected)
+    state = opt.init(PARAMS)
+    step = jax.jit(opt.update)
+    w = PARAMS["dense"]["kernel"]
+    g = GRADS["dense"]["kernel"]
+    for i in range(3):
+        _, state = step(GRADS, state, PARAMS)
+        stall, _ = detect_bit_stall(
+            w, g, schedule(i), E5M2, compute_scale(jnp.max(jnp.abs(w)), E5M2)
+        )
+        assert int(stall_stats(state).leaf_last["dense"]["kernel"].stalled) == int(stall)
+    assert int(stall_stats(state).steps) == 3
+
+    multi = optax.MultiSteps(monitor_stall(optax.sgd(0.1), E5M2), every_k_schedule=2)
+    state = multi.init(PARAMS)
+    step = jax.jit(multi.update)
+    for _ in range(4):
+        _, state = step(GRADS, state, PARAMS)
+    monitor = stall_stats(state)
+    assert int(monitor.steps) == 2
+    assert int(monitor.total.counted) == 2 * (32 * 16 + 15)
+
+
+def test_path_rules_skip_leaves_and_reader_errors():
+    rules = PathRules((("bias", None),), default="e5m2")
+    opt = monitor_stall(optax.sgd(0.01), rules)
+    _, state = opt.update(GRADS, opt.init(PARAMS), PARAMS)
+    stats = stall_stats(state)
+    assert stats.leaf_last["dense"]["bias"] is None
+    assert int(stats.last.entries) == 32 * 16
+    with pytest.raises(ValueError, match="no monitor_stall"):
+        stall_stats(optax.sgd(0.1).init(PARAMS))
+    with pytest.raises(ValueError, match="unknown scale"):
+        monitor_stall(optax.sgd(0.1), E5M2, scale="max")
+    with pytest.raises(ValueError, match="needs params"):
+        opt.update(GRADS, opt.init(PARAMS))
+
+
+def test_traced_format_compiles_once_and_matches_static():
+    traces = []
+
+    @jax.jit
+    def step(fmt_params, state):
+        traces.append(1)
+        opt = monitor_stall(optax.adam(0.01), fmt_params)
+        return opt.update(GRADS, state, PARAMS)[1]
+
+    for fmt in (E3M4, E5M2, E7M0):
+        static = monitor_stall(optax.adam(0.01), fmt)
+        state = static.init(PARAMS)
+        traced = step(format_params(fmt).as_arrays(), state)
+        _, expected = jax.jit(static.update)(GRADS, state, PARAMS)
+        for a, b in zip(jax.tree.leaves(traced), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len(traces) == 1
+
+
+def test_monitoring_storage_sees_the_stored_weights_move():
+    """Around a chain ending in nearest storage, a flip is exactly a stored weight that moved."""
+    params = {"w": jnp.ones((512,), jnp.float32)}
+    grads = {"w": jax.random.normal(jax.random.key(5), (512,))}
+    opt = monitor_stall(
+        optax.chain(optax.sgd(0.2), low_precision_storage(E5M2, "nearest")), E5M2, scale="pow2"
+    )
+    updates, state = jax.jit(opt.update)(grads, opt.init(params), params)
+    new = apply_updates(params, updates, state)
+    stats = stall_stats(state)
+    changed = int(jnp.sum(new["w"] != params["w"]))
+    assert 0 < changed < 512
+    assert int(stats.last.flipped) == changed
+    assert int(stats.last.stalled) == 512 - changed
+    assert float(stats.last.landed_ratio) == 1.0
+    assert isinstance(state, StallMonitorState)
