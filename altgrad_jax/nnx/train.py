@@ -39,7 +39,7 @@ def quant_value_and_grad(fun: Callable[..., Any], has_aux: bool = False) -> Call
     def wrapped(model: nnx.Module, *args, **kwargs):
         grad_state = nnx.state(model, OutputGradState)
         value, all_grads = value_and_grad(model, *args, **kwargs)
-        grads, grad_cotangent = all_grads.split(nnx.Param, OutputGradState)
+        grads, grad_cotangent = nnx.split_state(all_grads, nnx.Param, OutputGradState)
         new_grad_state = jax.tree.map(
             record_output_grad_amax,
             grad_state,
