@@ -1,0 +1,110 @@
+"""Runs in its own process with 8 simulated CPU devices (see test_sharding.py).
+
+Trains a quantized Linen MLP for a few steps on one device, data-parallel over 8 devices and
+data x model parallel over a 2 x 4 mesh, and checks that the numbers agree and that the amax
+recorded under sharding is the global one. Prints OK on success.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from altgrad_jax.config import QuantConfig, TensorQuant
+from altgrad_jax.linen import QUANT_STATE, QuantDense, quant_value_and_grad
+
+CONFIG = QuantConfig(output_grads=TensorQuant("E5M2", scaling="delayed"))
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(QuantDense(64, config=CONFIG, name="hidden")(x))
+        return QuantDense(8, config=CONFIG, name="out")(x)
+
+
+MODEL = MLP()
+
+
+def loss_fn(params, state, x, y):
+    out, updates = MODEL.apply({"params": params, QUANT_STATE: state}, x, mutable=[QUANT_STATE])
+    return jnp.mean((out - y) ** 2), updates[QUANT_STATE]
+
+
+@jax.jit
+def train_step(params, state, x, y):
+    loss, grads, state = quant_value_and_grad(loss_fn)(params, state, x, y)
+    params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+    return params, state, loss
+
+
+def run(variables, batches, put_params=lambda t: t, put_batch=lambda t: t):
+    params, state = put_params(variables["params"]), variables[QUANT_STATE]
+    losses = []
+    for x, y in batches:
+        params, state, loss = train_step(params, state, put_batch(x), put_batch(y))
+        losses.append(loss)
+    return params, state, losses
+
+
+def main():
+    assert jax.device_count() == 8, jax.devices()
+    keys = jax.random.split(jax.random.key(0), 8)
+    batches = [
+        (jax.random.normal(keys[i], (32, 16)) * (i + 1), jax.random.normal(keys[i + 4], (32, 8)))
+        for i in range(3)
+    ]
+    variables = MODEL.init(jax.random.key(1), batches[0][0])
+    reference = run(variables, batches)
+
+    data_mesh = Mesh(np.array(jax.devices()), ("data",))
+    dp = run(
+        variables,
+        batches,
+        put_batch=lambda t: jax.device_put(t, NamedSharding(data_mesh, P("data"))),
+    )
+
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    specs = {
+        "hidden": {"kernel": P(None, "model"), "bias": P("model")},
+        "out": {"kernel": P("model", None), "bias": P()},
+    }
+
+    def put_params(params):
+        return jax.tree.map(
+            lambda p, s: jax.device_put(p, NamedSharding(mesh, s)),
+            params,
+            specs,
+            is_leaf=lambda n: isinstance(n, P),
+        )
+
+    mp = run(
+        variables,
+        batches,
+        put_params=put_params,
+        put_batch=lambda t: jax.device_put(t, NamedSharding(mesh, P("data"))),
+    )
+    assert len(mp[0]["hidden"]["kernel"].sharding.device_set) == 8
+
+    for name, (params, state, losses) in (("data", dp), ("model", mp)):
+        np.testing.assert_allclose(losses, reference[2], rtol=1e-5, err_msg=name)
+        jax.tree.map(
+            lambda a, b, n=name: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=n),
+            (params, state),
+            reference[:2],
+        )
+        # The recorded input amax is the max over the whole (sharded) batch, bit for bit.
+        recorded = state["hidden"]["QuantDotGeneral_0"]["inputs"].history[:3]
+        expected = [float(jnp.max(jnp.abs(x))) for x, _ in batches[::-1]]
+        np.testing.assert_array_equal(recorded, np.float32(expected), err_msg=name)
+    print("OK")
+
+
+if __name__ == "__main__":
+    main()
