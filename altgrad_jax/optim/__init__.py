@@ -29,20 +29,34 @@ from altgrad_jax.optim.storage import (
     landed_stats,
     low_precision_storage,
 )
+from altgrad_jax.optim.ulp_updates import (
+    GridSGDState,
+    grid_sgd,
+    grid_to_rung,
+    rung_to_grid,
+    scale_by_stiffness,
+    scale_by_ulp,
+)
 
 __all__ = [
     "HISTOGRAM_EDGES",
     "HISTOGRAM_LABELS",
     "STORAGE_RULES",
+    "GridSGDState",
     "LandedStats",
     "LowPrecisionState",
     "StallMonitorState",
     "UpdateStats",
     "apply_updates",
+    "grid_sgd",
     "grid_spacing",
+    "grid_to_rung",
     "landed_stats",
     "low_precision_storage",
     "monitor_stall",
     "pow2_scale",
+    "rung_to_grid",
+    "scale_by_stiffness",
+    "scale_by_ulp",
     "stall_stats",
 ]
