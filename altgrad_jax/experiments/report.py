@@ -1,0 +1,353 @@
+"""What a sweep writes: a terminal table, results.json / results.csv, PNG plots and report.md.
+
+``results.json`` is ``{"meta": {...}, "runs": [{...}, ...]}``; the fields of a run are documented
+in :data:`RUN_FIELDS` and those of ``meta`` in :data:`META_FIELDS`. ``results.csv`` has one row
+per run with the scalar fields (the per-role rates flattened to ``saturation_weights`` etc.).
+Rates are fractions in [0, 1]; ``null`` means "not measured" (the float32 baseline quantizes
+nothing) or "not reached" (a run that diverged has no final loss).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from .sweep import BASELINE, RunResult, SweepResult
+from .train import HIST_EDGES, HIST_LABELS
+
+__all__ = [
+    "META_FIELDS",
+    "OUTPUT_FILES",
+    "RUN_FIELDS",
+    "format_table",
+    "write_outputs",
+]
+
+RUN_FIELDS: dict[str, str] = {
+    "format": "format name, null for the float32 baseline",
+    "rule": "update rule: float32, or the weight storage rule (nearest, stochastic, ...)",
+    "status": "'ok', or 'diverged' when the loss or a weight became non-finite or too large",
+    "diverged_step": "1-based step of the divergence, null when the run finished",
+    "steps_run": "train steps executed (up to and including the diverged step)",
+    "final_val_loss": "validation loss (nats/char) after the last step; null if diverged",
+    "best_val_loss": "lowest validation loss seen at any evaluation",
+    "best_step": "the step of best_val_loss",
+    "final_train_loss": "training loss of the last step before the end or the divergence",
+    "stall_rate": "mean over steps of the fraction of weights with |g| > 1e-10 whose stored "
+    "value Adam's update would not change under nearest rounding: Q(w + u) == Q(w)",
+    "final_stall_rate": "stall_rate over the last fifth of the steps",
+    "flip_rate": "mean over steps of the fraction of stored weights that changed",
+    "saturation": "per role (weights, activations, gradients): fraction of entries whose "
+    "scaled magnitude exceeded the format's largest value",
+    "underflow": "per role: fraction of nonzero entries that were quantized to zero",
+    "update_ulp_hist": "counts over the run of |u| / ulp(w) in bins (labels are the bin "
+    "ranges; below 1/2 a nearest-rounded update is lost)",
+    "wall_time_s": "seconds for the run, including the first compilation of its rule",
+    "eval_steps": "steps at which the validation loss was measured",
+    "val_losses": "validation loss at each of eval_steps",
+    "train_loss": "training loss at every step",
+    "stall_curve": "stall rate at every step (empty for the baseline)",
+    "flip_curve": "flip rate at every step (empty for the baseline)",
+}
+
+META_FIELDS: dict[str, str] = {
+    "corpus": "where the text came from",
+    "vocab_size": "characters in the vocabulary",
+    "num_params": "parameters of the model",
+    "config": "the SweepConfig (formats, rules, steps, seed, learning rate, model size...)",
+    "compilations": "compiled programs per rule (train chunk, tail chunk, evaluation); one set "
+    "serves every format",
+    "wall_time_s": "seconds for the whole sweep",
+    "jax_version": "the JAX that ran it",
+    "hist_edges": "bin edges of update_ulp_hist",
+    "fields": "this documentation of the run fields",
+}
+
+OUTPUT_FILES: tuple[str, ...] = (
+    "results.json",
+    "results.csv",
+    "report.md",
+    "loss_curves.png",
+    "stall_rate.png",
+    "flip_rate.png",
+    "update_ulp_hist.png",
+)
+
+_SCALARS = (
+    "format",
+    "rule",
+    "status",
+    "diverged_step",
+    "steps_run",
+    "final_val_loss",
+    "best_val_loss",
+    "best_step",
+    "final_train_loss",
+    "stall_rate",
+    "final_stall_rate",
+    "flip_rate",
+    "wall_time_s",
+)
+_ROLES = ("weights", "activations", "gradients")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _small_pct(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "0" if value == 0 else f"{100 * value:.2g}%"
+
+
+def format_table(result: SweepResult) -> str:
+    """The terminal table: one row per run."""
+    header = (
+        "format",
+        "rule",
+        "val loss",
+        "best",
+        "stall",
+        "flip",
+        "underflow w/a/g",
+        "saturation w/a/g",
+        "status",
+        "time s",
+    )
+    rows = [header]
+    for run in result.runs:
+        rows.append(
+            (
+                run.format or "-",
+                run.rule,
+                _num(run.final_val_loss),
+                _num(run.best_val_loss),
+                _pct(run.stall_rate),
+                _pct(run.flip_rate),
+                "/".join(_small_pct(run.underflow[r]) for r in _ROLES),
+                "/".join(_small_pct(run.saturation[r]) for r in _ROLES),
+                run.status if run.diverged_step is None else f"diverged@{run.diverged_step}",
+                f"{run.wall_time_s:.1f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _meta(result: SweepResult) -> dict[str, Any]:
+    import jax
+
+    return {
+        "corpus": result.corpus,
+        "vocab_size": result.vocab_size,
+        "num_params": result.num_params,
+        "config": dataclasses.asdict(result.config),
+        "compilations": result.compilations,
+        "wall_time_s": result.wall_time_s,
+        "jax_version": jax.__version__,
+        "hist_edges": list(HIST_EDGES),
+        "fields": RUN_FIELDS,
+    }
+
+
+def _write_json(result: SweepResult, path: Path) -> None:
+    runs = [dataclasses.asdict(run) for run in result.runs]
+    path.write_text(json.dumps({"meta": _meta(result), "runs": runs}, indent=1) + "\n")
+
+
+def _write_csv(result: SweepResult, path: Path) -> None:
+    columns = [
+        *_SCALARS,
+        *(f"saturation_{r}" for r in _ROLES),
+        *(f"underflow_{r}" for r in _ROLES),
+    ]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for run in result.runs:
+            row = [getattr(run, name) for name in _SCALARS]
+            row += [run.saturation[r] for r in _ROLES] + [run.underflow[r] for r in _ROLES]
+            writer.writerow(["" if value is None else value for value in row])
+
+
+def _rules(result: SweepResult) -> list[str]:
+    return list(dict.fromkeys(run.rule for run in result.runs if run.rule != BASELINE))
+
+
+def _baseline(result: SweepResult) -> RunResult | None:
+    return next((run for run in result.runs if run.rule == BASELINE), None)
+
+
+def _smooth(values: list[float | None], width: int) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    clean = [v for v in values if v is not None]
+    for i in range(0, len(clean) - width + 1, max(width // 2, 1)):
+        xs.append(i + width)
+        ys.append(sum(clean[i : i + width]) / width)
+    return xs, ys
+
+
+def _plot_per_rule(result: SweepResult, path: Path, what: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rules = _rules(result) or [BASELINE]
+    fig, axes = plt.subplots(1, len(rules), figsize=(4.5 * len(rules), 3.6), squeeze=False)
+    baseline = _baseline(result)
+    for ax, rule in zip(axes[0], rules, strict=True):
+        for run in result.runs:
+            if run.rule != rule:
+                continue
+            if what == "loss":
+                points = [
+                    (s, v)
+                    for s, v in zip(run.eval_steps, run.val_losses, strict=True)
+                    if v is not None
+                ]
+                if points:
+                    ax.plot(*zip(*points, strict=True), marker=".", label=run.format)
+            else:
+                curve = run.stall_curve if what == "stall" else run.flip_curve
+                xs, ys = _smooth(curve, max(len(curve) // 30, 1))
+                ax.plot(xs, ys, label=run.format)
+        if what == "loss" and baseline is not None and baseline.val_losses:
+            ax.plot(baseline.eval_steps, baseline.val_losses, "k--", label=BASELINE)
+        ax.set_title(f"rule: {rule}")
+        ax.set_xlabel("step")
+        ax.set_ylabel({"loss": "validation loss", "stall": "stall rate", "flip": "flip rate"}[what])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_hist(result: SweepResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rules = _rules(result) or [BASELINE]
+    fig, axes = plt.subplots(1, len(rules), figsize=(4.5 * len(rules), 3.6), squeeze=False)
+    for ax, rule in zip(axes[0], rules, strict=True):
+        runs = [run for run in result.runs if run.rule == rule and run.format is not None]
+        width = 0.8 / max(len(runs), 1)
+        for k, run in enumerate(runs):
+            counts = [run.update_ulp_hist[label] for label in HIST_LABELS]
+            total = max(sum(counts), 1)
+            xs = [i + k * width for i in range(len(HIST_LABELS))]
+            ax.bar(xs, [c / total for c in counts], width=width, label=run.format)
+        ax.set_xticks([i + 0.4 for i in range(len(HIST_LABELS))], HIST_LABELS, fontsize=7)
+        ax.axvline(3.9, color="k", lw=0.8, ls=":")
+        ax.set_title(f"|update| / ulp(w), rule: {rule}")
+        ax.set_ylabel("fraction of updates")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _report_md(result: SweepResult) -> str:
+    cfg = result.config
+    baseline = _baseline(result)
+    runs = [run for run in result.runs if run.format is not None]
+    lines = [
+        "# Which 8-bit format stalls most, and which update rule rescues it?",
+        "",
+        f"Character-level transformer ({result.num_params:,} parameters) on `{result.corpus}` "
+        f"(vocabulary {result.vocab_size}), {cfg.steps} Adam steps at learning rate "
+        f"{cfg.learning_rate:g}, batch {cfg.batch_size} x {cfg.context} characters, seed "
+        f"{cfg.seed}. Weights are stored on the format's grid by the update rule; activations "
+        "and gradients of every dense layer are quantized with current per-tensor scaling. "
+        f"Sweep wall time {result.wall_time_s:.0f} s; compiled programs per rule: "
+        + ", ".join(f"{rule} {n}" for rule, n in result.compilations.items())
+        + ".",
+        "",
+    ]
+    if baseline is not None:
+        lines += [
+            f"float32 baseline: final validation loss {_num(baseline.final_val_loss)} "
+            f"(best {_num(baseline.best_val_loss)}).",
+            "",
+        ]
+    nearest = [run for run in runs if run.rule == "nearest" and run.stall_rate is not None]
+    if nearest:
+        worst = max(nearest, key=lambda run: run.stall_rate)
+        best = min(nearest, key=lambda run: run.stall_rate)
+        lines += [
+            "## Stall under nearest storage",
+            "",
+            f"**{worst.format} stalls most**: {_pct(worst.stall_rate)} of Adam's updates leave "
+            f"its stored weights unchanged (final validation loss "
+            f"{_num(worst.final_val_loss)}). {best.format} stalls least, "
+            f"{_pct(best.stall_rate)}.",
+            "",
+            "| format | stall | flip | val loss | status |",
+            "|---|---|---|---|---|",
+        ]
+        for run in sorted(nearest, key=lambda run: -run.stall_rate):
+            lines.append(
+                f"| {run.format} | {_pct(run.stall_rate)} | {_pct(run.flip_rate)} | "
+                f"{_num(run.final_val_loss)} | {run.status} |"
+            )
+        lines.append("")
+    rules = _rules(result)
+    if len(rules) > 1:
+        lines += [
+            "## Best rule per format",
+            "",
+            "Final validation loss per rule (lower is better); the best is in bold.",
+            "",
+            "| format | " + " | ".join(rules) + " | best |",
+            "|---|" + "---|" * (len(rules) + 1),
+        ]
+        for fmt in dict.fromkeys(run.format for run in runs):
+            by_rule = {run.rule: run for run in runs if run.format == fmt}
+            finished = [run for run in by_rule.values() if run.final_val_loss is not None]
+            winner = min(finished, key=lambda run: run.final_val_loss) if finished else None
+            cells = []
+            for rule in rules:
+                run = by_rule.get(rule)
+                text = "-" if run is None else _num(run.final_val_loss)
+                if run is not None and run.status == "diverged":
+                    text = f"diverged@{run.diverged_step}"
+                cells.append(f"**{text}**" if run is winner and winner is not None else text)
+            lines.append(
+                f"| {fmt} | " + " | ".join(cells) + f" | {winner.rule if winner else '-'} |"
+            )
+        lines.append("")
+    lines += [
+        "## Files",
+        "",
+        "`results.json` (all numbers, fields documented in its `meta.fields`), `results.csv`, "
+        "`loss_curves.png`, `stall_rate.png`, `flip_rate.png`, `update_ulp_hist.png`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_outputs(result: SweepResult, out_dir: str | Path) -> list[Path]:
+    """Writes every file of :data:`OUTPUT_FILES` into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(result, out / "results.json")
+    _write_csv(result, out / "results.csv")
+    (out / "report.md").write_text(_report_md(result))
+    _plot_per_rule(result, out / "loss_curves.png", "loss")
+    _plot_per_rule(result, out / "stall_rate.png", "stall")
+    _plot_per_rule(result, out / "flip_rate.png", "flip")
+    _plot_hist(result, out / "update_ulp_hist.png")
+    return [out / name for name in OUTPUT_FILES]
