@@ -162,6 +162,19 @@ class StallMonitorState(NamedTuple):
     leaf_total: Any
 
 
+def _count_flags(flags: list[jax.Array]) -> list[jax.Array]:
+    """Sums of several boolean arrays in one pass (a variadic reduction), as uint32.
+
+    Separate sums of the same inputs become one multi-output loop that XLA's CPU backend runs
+    far slower than this single reduction with several accumulators.
+    """
+    operands = [jnp.ravel(flag).astype(jnp.uint32) for flag in flags]
+    zeros = [jnp.uint32(0)] * len(operands)
+    return jax.lax.reduce(
+        operands, zeros, lambda a, b: [x + y for x, y in zip(a, b, strict=True)], (0,)
+    )
+
+
 def _leaf_stats(
     w: jax.Array,
     u: jax.Array,
@@ -174,21 +187,24 @@ def _leaf_stats(
     old, new = quantize(w32, fmt, s), quantize(w32 + u32, fmt, s)
     flipped = new != old
     counted = jnp.abs(g) > GRAD_THRESHOLD
-    moved = u32 != 0
-    spacing = grid_spacing(old / s, fmt) * s
     magnitude = jnp.abs(u32)
-    level = sum((magnitude >= edge * spacing).astype(jnp.int32) for edge in HISTOGRAM_EDGES)
-    bins = jnp.where(moved, 1 + level, 0)
-    histogram = jnp.sum(
-        bins[..., None] == jnp.arange(_NUM_BINS), axis=tuple(range(w.ndim)), dtype=jnp.uint32
-    )
+    spacing = grid_spacing(old / s, fmt) * s
+    level = sum((magnitude >= edge * spacing).astype(jnp.uint8) for edge in HISTOGRAM_EDGES)
+    bins = jnp.where(u32 != 0, 1 + level, 0).astype(jnp.uint8)
+    # One byte per entry: histogram bin, flipped, counted; all counts come from it.
+    code = (bins << 2) | (flipped.astype(jnp.uint8) << 1) | counted.astype(jnp.uint8)
+    flags = [(code & 2) != 0, (code & 1) != 0, (code & 3) == 1]
+    flags += [code >= 4 * k for k in range(1, _NUM_BINS)]
+    n_flipped, n_counted, n_stalled, *at_least = _count_flags(flags)
+    entries = jnp.asarray(w.size, jnp.uint32)
+    cumulative = jnp.stack([entries, *at_least, jnp.uint32(0)])
     return UpdateStats(
-        stalled=jnp.sum(counted & ~flipped, dtype=jnp.uint32),
-        counted=jnp.sum(counted, dtype=jnp.uint32),
-        flipped=jnp.sum(flipped, dtype=jnp.uint32),
-        moved=jnp.sum(moved, dtype=jnp.uint32),
-        entries=jnp.asarray(w.size, jnp.uint32),
-        histogram=histogram,
+        stalled=n_stalled,
+        counted=n_counted,
+        flipped=n_flipped,
+        moved=at_least[0],
+        entries=entries,
+        histogram=cumulative[:-1] - cumulative[1:],
         landed=jnp.sum(jnp.abs(new - old)),
         requested=jnp.sum(magnitude),
     )
@@ -249,6 +265,8 @@ def monitor_stall(
         if params is None:
             raise ValueError("monitor_stall needs params: update(updates, state, params)")
         new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        # Computed once: otherwise every statistic re-runs the optimizer's arithmetic.
+        new_updates = jax.lax.optimization_barrier(new_updates)
         treedef = jax.tree_util.tree_structure(params)
         update_leaves = treedef.flatten_up_to(new_updates)
         grad_leaves = treedef.flatten_up_to(updates)

@@ -190,7 +190,8 @@ def low_precision_storage(
         if params is None:
             raise ValueError("low_precision_storage needs params: update(updates, state, params)")
         leaves, treedef = jax.tree_util.tree_flatten(params)
-        update_leaves = treedef.flatten_up_to(updates)
+        # Computed once: otherwise every reduction below re-runs the optimizer's arithmetic.
+        update_leaves = treedef.flatten_up_to(jax.lax.optimization_barrier(updates))
         scales = treedef.flatten_up_to(state.scale)
         residuals = treedef.flatten_up_to(state.residual) if rule == "compensated" else None
         masters = treedef.flatten_up_to(state.master) if rule == "master" else None
