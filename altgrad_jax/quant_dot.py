@@ -18,6 +18,10 @@ Output-gradient scale ``sg``:
   :func:`record_output_grad_amax` turns those cotangents into the new histories; the Linen and NNX
   ``quant_value_and_grad`` helpers call it, so a train step returns the new state explicitly.
   A layer applied k times in one step adds k amaxes (an overestimate: never overflows).
+
+Statistics of the output gradient leave the backward pass the same way: with ``config.stats`` a
+:class:`QuantStats` "probe" (:data:`OUTPUT_GRAD_STATS`, its value unused) is an input of the
+custom VJP and its cotangent is the gradient's :class:`QuantStats`; the helpers return it.
 """
 
 from __future__ import annotations
@@ -35,8 +39,11 @@ from altgrad_jax.scaling import AmaxHistory, compute_scale, scale_and_update
 
 __all__ = [
     "OUTPUT_GRAD_STATE",
+    "OUTPUT_GRAD_STATS",
     "QuantStats",
     "create_history",
+    "empty_stats",
+    "grad_stats_enabled",
     "quantize_output_grad",
     "quantize_tensor",
     "record_output_grad_amax",
@@ -47,6 +54,8 @@ __all__ = [
 
 # Name of the state entry that holds the output-gradient history (delayed scaling only).
 OUTPUT_GRAD_STATE = "output_grads"
+# Name of the state entry whose cotangent carries the output-gradient statistics.
+OUTPUT_GRAD_STATS = "output_grads_stats"
 
 
 @flax.struct.dataclass
@@ -133,17 +142,18 @@ def quantize_tensor(
     return q, new_history, stats
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _output_grad_quantizer(tq: TensorQuant, y, history, count, key):
-    del history, count, key
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _output_grad_quantizer(tq: TensorQuant, with_stats: bool, y, history, count, probe, key):
+    del history, count, probe, key
     return y
 
 
-def _output_grad_quantizer_fwd(tq, y, history, count, key):
+def _output_grad_quantizer_fwd(tq, with_stats, y, history, count, probe, key):
+    del probe
     return y, (history, count, key)
 
 
-def _output_grad_quantizer_bwd(tq, residuals, dy):
+def _output_grad_quantizer_bwd(tq, with_stats, residuals, dy):
     history, count, key = residuals
     dy_amax = jnp.max(jnp.abs(dy)).astype(jnp.float32)
     if history is None:
@@ -152,9 +162,10 @@ def _output_grad_quantizer_bwd(tq, residuals, dy):
         amax = AmaxHistory(history, count, tq.amax_algorithm).get_amax()
     scale = compute_scale(amax, tq.format, tq.scale_min, tq.margin)
     q_dy = quantize(dy, tq.format, scale, rounding=tq.rounding, key=key)
-    # The history's cotangent carries this step's amax; see record_output_grad_amax.
+    # The cotangents of the history and of the stats probe carry this step's amax and stats.
     history_ct = None if history is None else jnp.zeros_like(history).at[0].set(dy_amax)
-    return q_dy, history_ct, None, None
+    stats_ct = tensor_stats(dy, q_dy, tq, scale) if with_stats else None
+    return q_dy, history_ct, None, stats_ct, None
 
 
 _output_grad_quantizer.defvjp(_output_grad_quantizer_fwd, _output_grad_quantizer_bwd)
@@ -165,11 +176,14 @@ def quantize_output_grad(
     tq: TensorQuant | None,
     history: AmaxHistory | None = None,
     key: jax.Array | None = None,
+    stats_probe: QuantStats | None = None,
 ) -> jax.Array:
     """Identity on ``y``; its cotangent ``dy`` becomes ``quantize(dy, tq.format, sg)``.
 
     ``history`` (delayed scaling) gives ``sg`` from earlier steps and receives ``max|dy|`` as its
-    cotangent; without it ``sg`` comes from ``max|dy|``. ``tq=None`` returns ``y`` untouched.
+    cotangent; without it ``sg`` comes from ``max|dy|``. ``stats_probe`` (any
+    :class:`QuantStats`, its value unused) receives the :class:`QuantStats` of ``dy`` as its
+    cotangent. ``tq=None`` returns ``y`` untouched.
     """
     if tq is None:
         return y
@@ -178,9 +192,23 @@ def quantize_output_grad(
             f"output-gradient scaling {tq.scaling!r} "
             f"{'needs' if history is None else 'takes no'} history"
         )
+    with_stats = stats_probe is not None
     if history is None:
-        return _output_grad_quantizer(tq, y, None, None, key)
-    return _output_grad_quantizer(tq, y, history.history, history.count, key)
+        return _output_grad_quantizer(tq, with_stats, y, None, None, stats_probe, key)
+    return _output_grad_quantizer(
+        tq, with_stats, y, history.history, history.count, stats_probe, key
+    )
+
+
+def empty_stats() -> QuantStats:
+    """Zero fractions and a unit scale: the initial value of a stats probe or variable."""
+    zero = jnp.zeros((), jnp.float32)
+    return QuantStats(zero, zero, zero, zero, jnp.ones((), jnp.float32))
+
+
+def grad_stats_enabled(config: QuantConfig) -> bool:
+    """Whether the config asks for statistics of a quantized output gradient."""
+    return config.stats and config.output_grads is not None
 
 
 def quantized_contract(
@@ -190,6 +218,7 @@ def quantized_contract(
     config: QuantConfig,
     histories: dict[str, AmaxHistory],
     key: jax.Array | None,
+    grad_stats_probe: QuantStats | None = None,
 ) -> tuple[jax.Array, dict[str, AmaxHistory], dict[str, QuantStats]]:
     """``contract`` on quantized operands, with the output gradient quantized in the backward.
 
@@ -199,6 +228,7 @@ def quantized_contract(
       config: the quantization config (static).
       histories: the amax histories of :func:`state_roles` (by role name).
       key: PRNG key, required when a role rounds stochastically.
+      grad_stats_probe: see :func:`quantize_output_grad`; given when ``config.stats``.
 
     Returns:
       ``(y, new_histories, stats)``; ``new_histories`` has the forward roles updated (the
@@ -221,7 +251,11 @@ def quantized_contract(
             stats[role] = role_stats
     y = contract(operands["inputs"], operands["weights"])
     y = quantize_output_grad(
-        y, config.output_grads, histories.get(OUTPUT_GRAD_STATE), keys["output_grads"]
+        y,
+        config.output_grads,
+        histories.get(OUTPUT_GRAD_STATE),
+        keys["output_grads"],
+        grad_stats_probe,
     )
     return y, new_histories, stats
 

@@ -6,7 +6,9 @@ histories live in their own collection, :data:`QUANT_STATE`, not in ``params``: 
 mutable=[QUANT_STATE])`` returns the updated histories and optimizers never see them. The
 histories are not advanced during ``init`` (as ``nn.BatchNorm`` leaves its running statistics),
 nor when the collection is not mutable (inference). Statistics, when the config asks for them,
-are sown into :data:`QUANT_STATS`.
+are sown into :data:`QUANT_STATS` for the inputs and weights; those of the output gradient exist
+only in the backward pass and come back from ``quant_value_and_grad`` in the next quant state,
+as ``quant_state/<path>/output_grads_stats``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from altgrad_jax.config import QuantConfig
-from altgrad_jax.quant_dot import OUTPUT_GRAD_STATE, create_history, quantized_contract, state_roles
+from altgrad_jax.quant_dot import (
+    OUTPUT_GRAD_STATE,
+    OUTPUT_GRAD_STATS,
+    create_history,
+    empty_stats,
+    grad_stats_enabled,
+    quantized_contract,
+    state_roles,
+)
 
 __all__ = ["QUANT_STATE", "QUANT_STATS", "QuantDense", "QuantDotGeneral", "QuantEinsum"]
 
@@ -71,7 +81,12 @@ class QuantDotGeneral(nn.Module):
         if config.needs_rng and self.has_rng(config.rng_stream):
             key = self.make_rng(config.rng_stream)
         histories = {role: var.value for role, var in variables.items()}
-        y, new_histories, stats = quantized_contract(contract, lhs, rhs, config, histories, key)
+        probe = None
+        if grad_stats_enabled(config):
+            probe = self.variable(QUANT_STATE, OUTPUT_GRAD_STATS, empty_stats).value
+        y, new_histories, stats = quantized_contract(
+            contract, lhs, rhs, config, histories, key, probe
+        )
         if self.is_mutable_collection(QUANT_STATE) and not self.is_initializing():
             for role, var in variables.items():
                 if role != OUTPUT_GRAD_STATE:

@@ -14,19 +14,26 @@ from typing import Any
 
 import jax
 
-from altgrad_jax.quant_dot import OUTPUT_GRAD_STATE, record_output_grad_amax
+from altgrad_jax.quant_dot import (
+    OUTPUT_GRAD_STATE,
+    OUTPUT_GRAD_STATS,
+    QuantStats,
+    record_output_grad_amax,
+)
 from altgrad_jax.rules import path_str
 from altgrad_jax.scaling import AmaxHistory
 
 __all__ = ["merge_quant_state", "quant_value_and_grad"]
 
 
-def _is_history(node: Any) -> bool:
-    return isinstance(node, AmaxHistory)
+def _is_entry(node: Any) -> bool:
+    return isinstance(node, (AmaxHistory, QuantStats))
 
 
 def merge_quant_state(forward_state: Any, state_cotangent: Any) -> Any:
     """The next quant state: forward histories as returned, output-gradient ones recorded.
+
+    Output-gradient statistics (``output_grads_stats``) become their cotangent.
 
     Args:
       forward_state: ``quant_state`` returned by ``apply(..., mutable=[...])``.
@@ -34,12 +41,15 @@ def merge_quant_state(forward_state: Any, state_cotangent: Any) -> Any:
     """
 
     def merge(path, forward, cotangent):
-        if path_str(path).rsplit("/", 1)[-1] == OUTPUT_GRAD_STATE:
+        name = path_str(path).rsplit("/", 1)[-1]
+        if name == OUTPUT_GRAD_STATE:
             return record_output_grad_amax(forward, cotangent)
+        if name == OUTPUT_GRAD_STATS:
+            return cotangent
         return forward
 
     return jax.tree_util.tree_map_with_path(
-        merge, forward_state, state_cotangent, is_leaf=_is_history
+        merge, forward_state, state_cotangent, is_leaf=_is_entry
     )
 
 

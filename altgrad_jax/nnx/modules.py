@@ -5,7 +5,8 @@ Amax histories are :class:`QuantState` variables (the output-gradient history th
 QuantState, ...)`` separates them from the parameters, and ``nnx.jit`` or plain ``jax.jit`` over
 split state carry them. Every call advances the forward histories, as ``nnx.BatchNorm`` in
 training mode advances its statistics. With ``config.stats`` the last call's statistics are kept
-in :class:`QuantStatsVariable` variables and returned by :meth:`QuantLayer.quant_stats`.
+in :class:`QuantStatsVariable` variables and returned by :meth:`QuantLayer.quant_stats` (those of
+the output gradient, :class:`OutputGradStats`, after a ``quant_value_and_grad`` step).
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from altgrad_jax.quant_dot import (
     OUTPUT_GRAD_STATE,
     QuantStats,
     create_history,
+    empty_stats,
+    grad_stats_enabled,
     quantized_contract,
     state_roles,
 )
 
 __all__ = [
     "OutputGradState",
+    "OutputGradStats",
     "QuantEinsum",
     "QuantLayer",
     "QuantLinear",
@@ -49,9 +53,8 @@ class QuantStatsVariable(nnx.Variable):
     """The :class:`QuantStats` of one tensor role from the last call."""
 
 
-def _empty_stats() -> QuantStats:
-    zero = jnp.zeros((), jnp.float32)
-    return QuantStats(zero, zero, zero, zero, jnp.ones((), jnp.float32))
+class OutputGradStats(QuantStatsVariable):
+    """The output gradient's :class:`QuantStats`, set by ``quant_value_and_grad``."""
 
 
 class QuantLayer(nnx.Module):
@@ -75,7 +78,10 @@ class QuantLayer(nnx.Module):
                 ) from None
         self._stats_roles = tuple(r for r in ROLES[:2] if config.stats and config.role(r))
         for role in self._stats_roles:
-            setattr(self, f"{role}_stats", QuantStatsVariable(_empty_stats()))
+            setattr(self, f"{role}_stats", QuantStatsVariable(empty_stats()))
+        if grad_stats_enabled(config):
+            self._stats_roles += ("output_grads",)
+            self.output_grads_stats = OutputGradStats(empty_stats())
 
     def _quantized(
         self, contract: Callable[[jax.Array, jax.Array], jax.Array], lhs: jax.Array, rhs: jax.Array
@@ -83,14 +89,15 @@ class QuantLayer(nnx.Module):
         roles = state_roles(self.config)
         histories = {role: getattr(self, f"{role}_amax").get_value() for role in roles}
         key = None if self.quant_rngs is None else self.quant_rngs()
+        probe = self.output_grads_stats.get_value() if grad_stats_enabled(self.config) else None
         y, new_histories, stats = quantized_contract(
-            contract, lhs, rhs, self.config, histories, key
+            contract, lhs, rhs, self.config, histories, key, probe
         )
         for role in roles:
             if role != OUTPUT_GRAD_STATE:
                 getattr(self, f"{role}_amax").set_value(new_histories[role])
-        for role in self._stats_roles:
-            getattr(self, f"{role}_stats").set_value(stats[role])
+        for role, role_stats in stats.items():
+            getattr(self, f"{role}_stats").set_value(role_stats)
         return y
 
     def quant_stats(self) -> dict[str, QuantStats]:

@@ -251,3 +251,33 @@ def test_mlp_trains_under_jit_with_state_changing_and_one_compile():
         losses.append(float(loss))
     assert len(traces) == 1
     assert np.mean(losses[-5:]) < 0.2 * np.mean(losses[:5])
+
+
+GRAD_ROW = [1000.0, 1e-8, -1e-9, 5e-7, -8e-7, 1.0, 2.0, 3.0]
+
+
+def grad_stats_cotangent():
+    """An 8 x 8 cotangent: 2 of 64 entries underflow in E5M2, 2 land in subnormals."""
+    return jnp.zeros((8, 8)).at[0].set(jnp.asarray(GRAD_ROW))
+
+
+def expected_grad_stats():
+    scale = expected_scale([1000.0], "current", fmt=ag.E5M2)
+    return np.float32([0, 2 / 64, 2 / 64, 0, scale])
+
+
+def test_output_gradient_statistics_come_back_from_the_helper():
+    config = QuantConfig(inputs=None, weights=None, stats=True)
+    layer = QuantDense(8, use_bias=False, config=config)
+    eye = jnp.eye(8)
+    state = layer.init(jax.random.key(0), eye)[QUANT_STATE]
+
+    def loss_fn(params, state, c):
+        y, updates = layer.apply({"params": params, QUANT_STATE: state}, eye, mutable=[QUANT_STATE])
+        return jnp.sum(y * c), updates[QUANT_STATE]
+
+    params = {"kernel": eye}
+    _, _, state = quant_value_and_grad(loss_fn)(params, state, grad_stats_cotangent())
+    stats = state["QuantDotGeneral_0"]["output_grads_stats"]
+    values = (stats.saturated, stats.underflow, stats.subnormal, stats.nan, stats.scale)
+    np.testing.assert_array_equal(values, expected_grad_stats())

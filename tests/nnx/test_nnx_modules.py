@@ -17,6 +17,7 @@ DELAYED = QuantConfig(
     weights="E3M4",
     output_grads=TensorQuant("E5M2", scaling="delayed", history_len=4),
 )
+GRAD_ROW = [1000.0, 1e-8, -1e-9, 5e-7, -8e-7, 1.0, 2.0, 3.0]
 BATCHES = [jax.random.normal(jax.random.key(i), (4, 5)) * f for i, f in enumerate((1, 30, 0.1))]
 
 
@@ -173,3 +174,19 @@ def test_forward_equals_formula():
     sw = np.float32(np.abs(kernel).max()) * (np.float32(1.01) / np.float32(ag.E2M3.max_value))
     expected = jnp.dot(ag.quantize(x, "E4M3", sx), ag.quantize(kernel, "E2M3", sw))
     np.testing.assert_array_equal(layer(x), expected + layer.bias[...])
+
+
+def test_output_gradient_statistics_after_a_helper_step():
+    config = QuantConfig(inputs=None, weights=None, stats=True)
+    layer = qnnx.QuantLinear(8, 8, use_bias=False, config=config, rngs=nnx.Rngs(0))
+    layer.kernel.set_value(jnp.eye(8))
+    cotangent = jnp.zeros((8, 8)).at[0].set(jnp.asarray(GRAD_ROW))
+    qnnx.quant_value_and_grad(lambda m: jnp.sum(m(jnp.eye(8)) * cotangent))(layer)
+    stats = layer.quant_stats()
+    assert set(stats) == {"output_grads"}
+    values = [getattr(stats["output_grads"], f) for f in ("saturated", "underflow", "subnormal")]
+    scale = np.float32(1000.0) * (np.float32(1.01) / np.float32(ag.E5M2.max_value))
+    np.testing.assert_array_equal(
+        [*values, stats["output_grads"].nan, stats["output_grads"].scale],
+        np.float32([0, 2 / 64, 2 / 64, 0, scale]),
+    )
