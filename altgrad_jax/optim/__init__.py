@@ -1,12 +1,14 @@
 """optax transforms for low-precision training: stall monitoring, grid storage, ULP-aware steps.
 
-Usage::
+Usage (``monitor_stall`` reports what nearest storage would lose, the storage keeps the
+weights on the grid and records what actually landed)::
 
-    opt = optax.chain(optax.adam(1e-3), low_precision_storage("e5m2", "stochastic"))
-    opt = monitor_stall(opt, "e5m2", scale="pow2")      # stats of what the stored weights did
+    opt = optax.chain(monitor_stall(optax.adam(1e-3), "e5m2"),
+                      low_precision_storage("e5m2", "stochastic"))
+    opt_state = opt.init(params)
     updates, opt_state = opt.update(grads, opt_state, params)
     params = apply_updates(params, updates, opt_state)  # exactly on the E5M2 grid
-    stall_stats(opt_state).total.stall_rate, landed_stats(opt_state).run_ratio
+    rates = stall_stats(opt_state).last.summary(), landed_stats(opt_state).run_ratio
 
 Formats are a FloatFormat, a name, a ``PathRules`` (path -> format | None), or traced
 ``FormatParams`` arrays, so one jitted step serves every format.

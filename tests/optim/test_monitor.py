@@ -7,9 +7,10 @@ import optax
 import pytest
 
 from altgrad_jax import E3M4, E5M2, E7M0, compute_scale, detect_bit_stall, tree_bit_stall
-from altgrad_jax.formats import format_params
+from altgrad_jax.formats import format_params, grid, stack_format_params
 from altgrad_jax.optim import (
     HISTOGRAM_LABELS,
+    LowPrecisionState,
     StallMonitorState,
     apply_updates,
     low_precision_storage,
@@ -197,3 +198,52 @@ def test_monitoring_storage_sees_the_stored_weights_move():
     assert int(stats.last.stalled) == 512 - changed
     assert float(stats.last.landed_ratio) == 1.0
     assert isinstance(state, StallMonitorState)
+
+
+def test_package_docstring_example_runs():
+    import altgrad_jax.optim as optim
+
+    code = optim.__doc__.split("::\n", 1)[1].split("\n\n", 1)[0]
+    namespace = {name: getattr(optim, name) for name in optim.__all__}
+    namespace.update(optax=optax, params=_float_part(PARAMS), grads=_float_part(GRADS))
+    exec(compile("\n".join(line[4:] for line in code.splitlines()), "example", "exec"), namespace)
+    stats, ratio = namespace["rates"]
+    assert 0.0 < float(stats["stall_rate"]) < 1.0 and float(ratio) > 0.0
+    storage = namespace["opt_state"][1]
+    assert isinstance(storage, LowPrecisionState)
+    kernel = namespace["params"]["dense"]["kernel"] / storage.scale["dense"]["kernel"]
+    assert bool(jnp.all(jnp.isin(kernel, jnp.asarray(grid(E5M2), jnp.float32))))
+
+
+def test_full_train_step_compiles_once_and_passes_extra_args():
+    traces = []
+    opt = optax.chain(
+        monitor_stall(optax.polyak_sgd(max_learning_rate=0.1), E5M2),
+        low_precision_storage(E5M2, "master"),
+    )
+
+    @jax.jit
+    def step(params, state):
+        traces.append(1)
+        loss = sum(jnp.sum(p**2) for p in jax.tree.leaves(params))
+        grads = jax.tree.map(lambda p: 2 * p, params)
+        updates, state = opt.update(grads, state, params, value=loss)
+        return apply_updates(params, updates, state), state
+
+    params, state = _float_part(PARAMS), opt.init(_float_part(PARAMS))
+    for _ in range(3):
+        params, state = step(params, state)
+    assert len(traces) == 1
+    assert int(stall_stats(state).steps) == 3
+
+
+def test_vmap_over_formats_gives_each_format_its_own_stats():
+    formats = (E3M4, E5M2, E7M0)
+
+    def stall_rate(fmt_params):
+        opt = monitor_stall(optax.sgd(0.01), fmt_params)
+        return stall_stats(opt.update(GRADS, opt.init(PARAMS), PARAMS)[1]).last.stall_rate
+
+    batched = jax.jit(jax.vmap(stall_rate))(stack_format_params(formats))
+    for fmt, rate in zip(formats, np.asarray(batched), strict=True):
+        assert rate == float(stall_rate(fmt))
