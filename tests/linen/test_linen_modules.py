@@ -281,3 +281,23 @@ def test_output_gradient_statistics_come_back_from_the_helper():
     stats = state["QuantDotGeneral_0"]["output_grads_stats"]
     values = (stats.saturated, stats.underflow, stats.subnormal, stats.nan, stats.scale)
     np.testing.assert_array_equal(values, expected_grad_stats())
+
+
+def test_helper_passes_aux_through_and_matches_jax_grad():
+    layer = QuantDense(3)
+    x = jax.random.normal(jax.random.key(0), (4, 5))
+    variables = layer.init(jax.random.key(1), x)
+
+    def loss_fn(params, state):
+        y, updates = layer.apply({"params": params, QUANT_STATE: state}, x, mutable=[QUANT_STATE])
+        return jnp.sum(y**2), (updates[QUANT_STATE], y)
+
+    (loss, y), grads, state = quant_value_and_grad(loss_fn, has_aux=True)(
+        variables["params"], variables[QUANT_STATE]
+    )
+    expected_loss, expected_grads = jax.value_and_grad(lambda p: loss_fn(p, state)[0])(
+        variables["params"]
+    )
+    assert loss == expected_loss and y.shape == (4, 3)
+    jax.tree.map(np.testing.assert_array_equal, grads, expected_grads)
+    assert int(state["QuantDotGeneral_0"]["inputs"].count) == 1

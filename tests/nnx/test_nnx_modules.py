@@ -190,3 +190,14 @@ def test_output_gradient_statistics_after_a_helper_step():
         [*values, stats["output_grads"].nan, stats["output_grads"].scale],
         np.float32([0, 2 / 64, 2 / 64, 0, scale]),
     )
+
+
+def test_helper_passes_aux_through():
+    layer = qnnx.QuantLinear(5, 3, rngs=nnx.Rngs(0))
+    x = BATCHES[0]
+    (loss, y), grads, state = qnnx.quant_value_and_grad(
+        lambda m: (jnp.sum(m(x) ** 2), m(x)), has_aux=True
+    )(layer)
+    assert loss == jnp.sum(y**2)
+    assert set(grads) == {"kernel", "bias"}
+    assert int(state["inputs_amax"].get_value().count) == 2  # two forward calls
