@@ -13,9 +13,12 @@ the new stored weight ``t`` follows the rule:
   standard mixed-precision practice, the baseline.
 
 The scale of a leaf is the smallest power of two at which its weights fit the format
-(:func:`pow2_scale`) or a fixed number. A power of two rescales exactly and does not grow by
-itself: the seed's ``amax * 1.01 / max`` re-applied every step moves every weight onto a new grid
-and inflates the largest one by ~1% per step.
+(:func:`pow2_scale`), or a fixed number. It rises only when the amax leaves the format's range
+(rounding away only values below the new smallest step); when it falls, the finer grid holds
+every stored value, so nothing moves. Being a function of the weights, it needs no state, and
+the monitor and the ULP-aware transforms find the same grid. The seed's ``amax * 1.01 / max``
+re-applied every step instead moves every weight onto a new grid and inflates the largest one
+by ~1% per step.
 
 For formats with up to 4 exponent bits (E4M3 and narrower, the MX element formats), ``w + (t -
 w)`` is exactly ``t`` in float32 for every pair of grid values, so once the weights are on the

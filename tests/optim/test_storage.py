@@ -227,3 +227,30 @@ def test_fixed_scale_and_bad_arguments():
         low_precision_storage("e4m3", scale=-1.0)
     with pytest.raises(ValueError, match="needs params"):
         opt.update({"w": jnp.zeros(2)}, opt.init(params))
+
+
+def test_rescaling_moves_no_other_stored_weight():
+    """The pow2 scale follows the amax out of (and back into) range; others stay put."""
+    opt = low_precision_storage(E4M3, "nearest")
+    params = {"w": jnp.array([400.0, 3.0, -0.75], jnp.float32)}
+    state = opt.init(params)
+    for jump, expected_scale in ((-300.0, 0.25), (900.0, 4.0)):
+        u = {"w": jnp.array([jump, 0.0, 0.0], jnp.float32)}
+        updates, state = opt.update(u, state, params)
+        params = apply_updates(params, updates, state)
+        assert float(state.scale["w"]) == expected_scale
+        np.testing.assert_array_equal(np.asarray(params["w"][1:]), [3.0, -0.75])
+        assert _on_grid(params["w"], E4M3, expected_scale)
+
+
+@pytest.mark.parametrize("rule", STORAGE_RULES)
+def test_bfloat16_params_stay_on_grid_with_the_companion(rule):
+    params = {"w": (jax.random.normal(jax.random.key(0), (128,)) * 3).astype(jnp.bfloat16)}
+    opt = optax.chain(optax.adam(0.1), low_precision_storage(E5M2, rule))
+    state, step = opt.init(params), jax.jit(opt.update)
+    for i in range(3):
+        grads = {"w": jax.random.normal(jax.random.key(i + 1), (128,)).astype(jnp.bfloat16)}
+        updates, state = step(grads, state, params)
+        params = apply_updates(params, updates, state)
+        assert params["w"].dtype == jnp.bfloat16
+        assert _on_grid(params["w"], E5M2, state[1].scale["w"])
