@@ -4,7 +4,8 @@ Two models, each as one jitted SGD train step: an MLP (4 x 1024, batch 256) and 
 pre-LN transformer block. The three candidates differ only in the dot_general of their Dense
 layers. Candidates are interleaved (each repetition runs all three in turn, so drift in the
 machine's speed hits them alike) and the median step time is reported with the ratios, plus the
-compiled step's memory from ``compiled.memory_analysis()``. Prints only; asserts nothing.
+compiled step's memory from ``compiled.memory_analysis()`` and the bytes it moves from
+``compiled.cost_analysis()`` (independent of machine load). Prints only; asserts nothing.
 
     python benchmarks/train_step.py [--quick] [--reps N]
 """
@@ -116,7 +117,7 @@ def make_step(model: nn.Module, candidate: str):
 
 def benchmark(name: str, build: Callable[[str], nn.Module], x, y, reps: int) -> None:
     candidates = ["plain", "ours"] + (["fp8_ops"] if fp8_ops is not None else [])
-    steps, states, memory = {}, {}, {}
+    steps, states, memory, traffic = {}, {}, {}, {}
     for candidate in candidates:
         model = build(candidate)
         with warnings.catch_warnings():
@@ -132,6 +133,10 @@ def benchmark(name: str, build: Callable[[str], nn.Module], x, y, reps: int) -> 
                 + analysis.output_size_in_bytes
                 - analysis.alias_size_in_bytes
             )
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        if cost and "bytes accessed" in cost:
+            traffic[candidate] = cost["bytes accessed"]
         states[candidate], loss = compiled(variables, x, y)  # warm-up
         loss.block_until_ready()
         steps[candidate] = compiled
@@ -150,7 +155,12 @@ def benchmark(name: str, build: Callable[[str], nn.Module], x, y, reps: int) -> 
     for candidate in candidates:
         mem = memory.get(candidate)
         mem_text = f"{mem / 2**20:8.1f} MiB" if mem is not None else "    n/a"
-        print(f"  {candidate:8s} {median[candidate] * 1e3:9.2f} ms   peak {mem_text}")
+        moved = traffic.get(candidate)
+        moved_text = f"{moved / 2**20:8.1f} MiB" if moved is not None else "    n/a"
+        print(
+            f"  {candidate:8s} {median[candidate] * 1e3:9.2f} ms   peak {mem_text}"
+            f"   bytes accessed {moved_text}"
+        )
     print(f"  ours / plain   = {median['ours'] / median['plain']:.3f}")
     if "fp8_ops" in median:
         print(f"  ours / fp8_ops = {median['ours'] / median['fp8_ops']:.3f}")
