@@ -46,6 +46,7 @@ __all__ = [
     "grad_stats_enabled",
     "quantize_output_grad",
     "quantize_tensor",
+    "quantized_contract",
     "record_output_grad_amax",
     "role_keys",
     "state_roles",
@@ -87,8 +88,9 @@ def tensor_stats(x: jax.Array, q: jax.Array, tq: TensorQuant, scale: jax.Array) 
     def frac(mask):
         return jnp.mean(mask, dtype=jnp.float32)
 
+    # x * (1 / scale), as quantize computes it, so boundary cases agree with the rounding.
     return QuantStats(
-        saturated=frac(jnp.abs(x32 / scale) > fmt.max_value),
+        saturated=frac(jnp.abs(x32 * (1 / scale)) > fmt.max_value),
         underflow=frac((x32 != 0) & (q32 == 0)),
         subnormal=frac((q32 != 0) & (jnp.abs(q32) < fmt.min_normal * scale)),
         nan=frac(jnp.isnan(x32)),
@@ -118,7 +120,7 @@ def role_keys(config: QuantConfig, key: jax.Array | None) -> dict[str, jax.Array
         if tq is not None and tq.rounding == "stochastic":
             if key is None:
                 raise ValueError(
-                    f"{role} use rounding='stochastic', which needs the RNG stream "
+                    f"rounding='stochastic' for {role} needs the RNG stream "
                     f"{config.rng_stream!r}; provide it (Linen: rngs={{{config.rng_stream!r}: key}}"
                     f", NNX: nnx.Rngs({config.rng_stream}=seed))"
                 )
