@@ -48,6 +48,7 @@ from altgrad_jax.optim._common import (
     safe_ratio,
 )
 from altgrad_jax.quantize import quantize
+from altgrad_jax.rules import path_str
 
 __all__ = [
     "STORAGE_RULES",
@@ -122,7 +123,12 @@ class LowPrecisionState:
 
 def _stored_formats(fmt: FormatSpec, params: Any) -> tuple[FloatFormat | str | None, ...]:
     out = []
-    for _, _, _, leaf_fmt in iter_leaves(fmt, params):
+    for _, path, _, leaf_fmt in iter_leaves(fmt, params):
+        if isinstance(leaf_fmt, FormatParams) and not isinstance(fmt, FormatParams):
+            raise ValueError(
+                f"the rule gave traced FormatParams for {path_str(path)!r}; pass traced formats "
+                "as the single format, and static formats (or None) from rules"
+            )
         out.append("traced" if isinstance(leaf_fmt, FormatParams) else leaf_fmt)
     return tuple(out)
 
@@ -245,9 +251,10 @@ def apply_updates(params: Any, updates: Any, opt_state: Any) -> Any:
     """``optax.apply_updates`` that lands stored leaves exactly on their grid.
 
     Snaps ``params + updates`` to the nearest value of the grid the storage in ``opt_state``
-    rounded to this step. That is a no-op whenever the float32 sum is already exact (always for
-    formats with at most 4 exponent bits), and otherwise repairs the rare rounding of a jump
-    across many binades. Raises ``ValueError`` when ``opt_state`` holds no storage state.
+    rounded to this step. That is a no-op whenever the sum is already exact (always for float32
+    weights on the grid of a format with at most 4 exponent bits), and otherwise repairs an
+    off-grid start, a jump across many binades, or an update rounded to a narrower dtype.
+    Raises ``ValueError`` when ``opt_state`` holds no storage state.
     """
     states = find_states(opt_state, LowPrecisionState)
     if not states:

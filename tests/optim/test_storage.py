@@ -227,6 +227,9 @@ def test_fixed_scale_and_bad_arguments():
         low_precision_storage("e4m3", scale=-1.0)
     with pytest.raises(ValueError, match="needs params"):
         opt.update({"w": jnp.zeros(2)}, opt.init(params))
+    traced_rule = PathRules(default=format_params(E4M3).as_arrays())
+    with pytest.raises(ValueError, match="traced FormatParams for 'w'"):
+        low_precision_storage(traced_rule).init(params)
 
 
 def test_rescaling_moves_no_other_stored_weight():
