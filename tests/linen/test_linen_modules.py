@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import altgrad_jax as ag
 from altgrad_jax.config import QuantConfig, TensorQuant
@@ -301,3 +303,47 @@ def test_helper_passes_aux_through_and_matches_jax_grad():
     assert loss == expected_loss and y.shape == (4, 3)
     jax.tree.map(np.testing.assert_array_equal, grads, expected_grads)
     assert int(state["QuantDotGeneral_0"]["inputs"].count) == 1
+
+
+def test_stochastic_output_gradient_is_on_the_grid_and_keyed():
+    layer = _identity_layer(TensorQuant("E5M2", rounding="stochastic"))
+    eye = jnp.eye(6)
+    rngs = {"params": jax.random.key(0), "quant": jax.random.key(1)}
+    variables = {**layer.init(rngs, eye), "params": {"kernel": eye}}
+    dy = jax.random.normal(jax.random.key(2), (6, 6))
+
+    def grad_kernel(seed):
+        def f(params):
+            return layer.apply({**variables, "params": params}, eye, rngs={"quant": seed})
+
+        _, vjp = jax.vjp(f, variables["params"])
+        return vjp(dy)[0]["kernel"]
+
+    first = grad_kernel(jax.random.key(3))
+    sg = ag.compute_scale(amax(dy), ag.E5M2)
+    np.testing.assert_array_equal(ag.quantize(first, ag.E5M2, sg), first)
+    down = ag.quantize(dy, ag.E5M2, sg, rounding="toward_zero")
+    assert np.all(np.abs(first) >= np.abs(down)) and np.any(first != down)
+    np.testing.assert_array_equal(first, grad_kernel(jax.random.key(3)))
+    assert not np.array_equal(first, grad_kernel(jax.random.key(4)))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    fmt=st.sampled_from(["E2M5", "E3M4", "E4M3", "E5M2", "E2M1", "E3M2", "FP16", "BF16"]),
+    scaling=st.sampled_from(["current", "delayed"]),
+    log_size=st.floats(-6, 6),
+)
+def test_forward_formula_holds_for_any_format(fmt, scaling, log_size):
+    config = QuantConfig.uniform(fmt, None, scaling=scaling)
+    x = jax.random.normal(jax.random.key(0), (3, 4)) * np.float32(10.0**log_size)
+    kernel = jax.random.normal(jax.random.key(1), (4, 2))
+    layer = QuantDotGeneral(config)
+    dims = (((1,), (0,)), ((), ()))
+    state = layer.init(jax.random.key(2), x, kernel, dims)
+    y, _ = layer.apply(state, x, kernel, dims, mutable=[QUANT_STATE])
+    fmt = ag.get_format(fmt)
+    sx = expected_scale([amax(x)], scaling, fmt=fmt)
+    sw = expected_scale([amax(kernel)], scaling, fmt=fmt)
+    expected = jnp.dot(ag.quantize(x, fmt, sx), ag.quantize(kernel, fmt, sw))
+    np.testing.assert_array_equal(y, expected)
