@@ -101,7 +101,10 @@ class QuantLayer(nnx.Module):
         return y
 
     def quant_stats(self) -> dict[str, QuantStats]:
-        """Statistics of the last call by role (empty unless ``config.stats``)."""
+        """Statistics by role: the last call's, and the output gradient's from the last helper step.
+
+        Empty unless ``config.stats``.
+        """
         return {role: getattr(self, f"{role}_stats").get_value() for role in self._stats_roles}
 
 
