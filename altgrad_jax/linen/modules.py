@@ -99,6 +99,8 @@ class QuantDotGeneral(nn.Module):
 class QuantDense(nn.Dense):
     """``nn.Dense`` with :class:`QuantDotGeneral`; same ``params`` layout as ``nn.Dense``.
 
+    An explicitly given ``dot_general`` or ``dot_general_cls`` takes precedence over ``config``.
+
     Attributes:
       config: the :class:`QuantConfig` (all ``nn.Dense`` attributes apply as well).
     """
