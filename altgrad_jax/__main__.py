@@ -1,5 +1,5 @@
 """Command line: ``altgrad-jax formats`` prints the format table, ``altgrad-jax sweep`` runs the
-format-comparison sweep (also as ``python -m altgrad_jax ...``).
+format-comparison sweep (also as ``python -m altgrad_jax ...``); no command runs the default sweep.
 
 Bad arguments end the program with one line on stderr and exit status 2, never a traceback.
 """
@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--eval-every", type=_positive_int, default=50, help="steps per eval")
     sweep.add_argument("--seed", type=int, default=0)
     sweep.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam learning rate")
+    sweep.add_argument(
+        "--ulp-steps",
+        type=_positive_float,
+        default=1.0,
+        help="grid steps per unit of Adam's direction for the 'ulp' rule",
+    )
     sweep.add_argument("--batch-size", type=_positive_int, default=16)
     sweep.add_argument("--context", type=_positive_int, default=64, help="characters per sequence")
     sweep.add_argument("--d-model", type=_positive_int, default=64)
@@ -95,11 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sweep(args: argparse.Namespace) -> None:
+def _sweep_inputs(args: argparse.Namespace):
+    """The sweep config and corpus from the arguments; ``ValueError`` for bad input."""
     from altgrad_jax.experiments import data
-    from altgrad_jax.experiments.report import format_table as results_table
-    from altgrad_jax.experiments.report import write_outputs
-    from altgrad_jax.experiments.sweep import SweepConfig, run_sweep
+    from altgrad_jax.experiments.sweep import SweepConfig
 
     config = SweepConfig(
         formats=_names(args.formats),
@@ -114,23 +119,32 @@ def _sweep(args: argparse.Namespace) -> None:
         d_model=args.d_model,
         n_heads=args.heads,
         n_layers=args.layers,
+        ulp_steps=args.ulp_steps,
     )
-    config.model_config(2)  # validates the model size before any data is read
+    config.model_config(2)  # checks the model size before any data is read
     if args.text is not None:
-        corpus = data.make_corpus(
-            data.load_text_file(args.text), args.text, min_split=args.context + 2
-        )
+        text, name = data.load_text_file(args.text), args.text
     elif args.synthetic:
-        corpus = data.make_corpus(data.synthetic_text(), "synthetic Markov chain")
+        text, name = data.synthetic_text(), "synthetic Markov chain"
     else:
-        corpus = data.make_corpus(data.stdlib_text(), "CPython pydoc_data.topics")
+        text, name = data.stdlib_text(), "CPython pydoc_data.topics"
+    return config, data.make_corpus(text, name, min_split=args.context + 2)
 
-    total = len(config.runs()) * config.steps
+
+def _sweep(args: argparse.Namespace, config, corpus) -> None:
+    from altgrad_jax.experiments.report import format_table as results_table
+    from altgrad_jax.experiments.report import write_outputs
+    from altgrad_jax.experiments.sweep import run_sweep
+
     bar = None
     if not args.no_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="step", desc="sweep", file=sys.stderr)
+        try:
+            from tqdm import tqdm
+        except ImportError:  # tqdm comes with the "experiments" extra
+            tqdm = None
+        if tqdm is not None:
+            total = len(config.runs()) * config.steps
+            bar = tqdm(total=total, unit="step", desc="sweep", file=sys.stderr)
 
     def progress(steps: int, label: str) -> None:
         if bar is not None:
@@ -140,25 +154,26 @@ def _sweep(args: argparse.Namespace) -> None:
     result = run_sweep(config, corpus, progress)
     if bar is not None:
         bar.close()
-    write_outputs(result, args.out)
+    written = write_outputs(result, args.out)
     print(results_table(result))
     compiled = ", ".join(f"{rule}: {n}" for rule, n in result.compilations.items())
     print(f"\n{len(result.runs)} runs in {result.wall_time_s:.1f} s; compilations: {compiled}")
-    print(f"wrote {args.out}/results.json, results.csv, report.md and plots")
+    print(f"wrote {', '.join(path.name for path in written)} to {args.out}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``altgrad-jax`` console script; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv or ["sweep"])
     if args.command == "formats":
         print(format_table())
         return 0
     try:
-        _sweep(args)
+        config, corpus = _sweep_inputs(args)
     except ValueError as err:
         print(f"{PROG} sweep: error: {err}", file=sys.stderr)
         return 2
+    _sweep(args, config, corpus)
     return 0
 
 

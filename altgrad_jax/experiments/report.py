@@ -15,8 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from altgrad_jax.optim import HISTOGRAM_EDGES, HISTOGRAM_LABELS
+
 from .sweep import BASELINE, RunResult, SweepResult
-from .train import HIST_EDGES, HIST_LABELS
 
 __all__ = [
     "META_FIELDS",
@@ -40,11 +41,13 @@ RUN_FIELDS: dict[str, str] = {
     "value Adam's update would not change under nearest rounding: Q(w + u) == Q(w)",
     "final_stall_rate": "stall_rate over the last fifth of the steps",
     "flip_rate": "mean over steps of the fraction of stored weights that changed",
+    "landed_ratio": "sum |stored weight change| / sum |requested update| over the run: near 1 "
+    "the movement arrives (in expectation), near 0 it is lost",
     "saturation": "per role (weights, activations, gradients): fraction of entries whose "
     "scaled magnitude exceeded the format's largest value",
     "underflow": "per role: fraction of nonzero entries that were quantized to zero",
     "update_ulp_hist": "counts over the run of |u| / ulp(w) in bins (labels are the bin "
-    "ranges; below 1/2 a nearest-rounded update is lost)",
+    "ranges, '0' counts zero updates; below 1/2 a nearest-rounded update is lost)",
     "wall_time_s": "seconds for the run, including the first compilation of its rule",
     "eval_steps": "steps at which the validation loss was measured",
     "val_losses": "validation loss at each of eval_steps",
@@ -58,7 +61,7 @@ META_FIELDS: dict[str, str] = {
     "vocab_size": "characters in the vocabulary",
     "num_params": "parameters of the model",
     "config": "the SweepConfig (formats, rules, steps, seed, learning rate, model size...)",
-    "compilations": "compiled programs per rule (train chunk, tail chunk, evaluation); one set "
+    "compilations": "compiled programs per rule (init, train chunk, tail chunk, evaluation); one set "
     "serves every format",
     "wall_time_s": "seconds for the whole sweep",
     "jax_version": "the JAX that ran it",
@@ -89,6 +92,7 @@ _SCALARS = (
     "stall_rate",
     "final_stall_rate",
     "flip_rate",
+    "landed_ratio",
     "wall_time_s",
 )
 _ROLES = ("weights", "activations", "gradients")
@@ -117,6 +121,7 @@ def format_table(result: SweepResult) -> str:
         "best",
         "stall",
         "flip",
+        "landed",
         "underflow w/a/g",
         "saturation w/a/g",
         "status",
@@ -132,6 +137,7 @@ def format_table(result: SweepResult) -> str:
                 _num(run.best_val_loss),
                 _pct(run.stall_rate),
                 _pct(run.flip_rate),
+                _num(run.landed_ratio, 2),
                 "/".join(_small_pct(run.underflow[r]) for r in _ROLES),
                 "/".join(_small_pct(run.saturation[r]) for r in _ROLES),
                 run.status if run.diverged_step is None else f"diverged@{run.diverged_step}",
@@ -155,7 +161,7 @@ def _meta(result: SweepResult) -> dict[str, Any]:
         "compilations": result.compilations,
         "wall_time_s": result.wall_time_s,
         "jax_version": jax.__version__,
-        "hist_edges": list(HIST_EDGES),
+        "hist_edges": list(HISTOGRAM_EDGES),
         "fields": RUN_FIELDS,
     }
 
@@ -246,12 +252,13 @@ def _plot_hist(result: SweepResult, path: Path) -> None:
         runs = [run for run in result.runs if run.rule == rule and run.format is not None]
         width = 0.8 / max(len(runs), 1)
         for k, run in enumerate(runs):
-            counts = [run.update_ulp_hist[label] for label in HIST_LABELS]
+            counts = [run.update_ulp_hist[label] for label in HISTOGRAM_LABELS]
             total = max(sum(counts), 1)
-            xs = [i + k * width for i in range(len(HIST_LABELS))]
+            xs = [i + k * width for i in range(len(HISTOGRAM_LABELS))]
             ax.bar(xs, [c / total for c in counts], width=width, label=run.format)
-        ax.set_xticks([i + 0.4 for i in range(len(HIST_LABELS))], HIST_LABELS, fontsize=7)
-        ax.axvline(3.9, color="k", lw=0.8, ls=":")
+        ax.set_xticks([i + 0.4 for i in range(len(HISTOGRAM_LABELS))], HISTOGRAM_LABELS, fontsize=7)
+        # Left of this line (|u| < ulp / 2) nearest rounding loses the update.
+        ax.axvline(HISTOGRAM_LABELS.index("[1/2, 1)") - 0.1, color="k", lw=0.8, ls=":")
         ax.set_title(f"|update| / ulp(w), rule: {rule}")
         ax.set_ylabel("fraction of updates")
         ax.legend(fontsize=7)
@@ -340,12 +347,20 @@ def _report_md(result: SweepResult) -> str:
 
 
 def write_outputs(result: SweepResult, out_dir: str | Path) -> list[Path]:
-    """Writes every file of :data:`OUTPUT_FILES` into ``out_dir``; returns their paths."""
+    """Writes the files of :data:`OUTPUT_FILES` into ``out_dir``; returns the paths written.
+
+    The PNG plots need matplotlib (the "experiments" extra); without it they are skipped.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(result, out / "results.json")
     _write_csv(result, out / "results.csv")
     (out / "report.md").write_text(_report_md(result))
+    written = [out / "results.json", out / "results.csv", out / "report.md"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return written
     _plot_per_rule(result, out / "loss_curves.png", "loss")
     _plot_per_rule(result, out / "stall_rate.png", "stall")
     _plot_per_rule(result, out / "flip_rate.png", "flip")

@@ -17,14 +17,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from altgrad_jax.formats import format_params, get_format
-from altgrad_jax.optim import STORAGE_RULES, low_precision_storage
+from altgrad_jax.optim import HISTOGRAM_LABELS, STORAGE_RULES, low_precision_storage, scale_by_ulp
 
 from .data import CharCorpus
 from .model import CharTransformer, ModelConfig
 from .train import (
-    HIST_LABELS,
     TrainConfig,
     UpdateRule,
     evaluate,
@@ -47,17 +47,32 @@ __all__ = [
 
 BASELINE = "float32"
 DEFAULT_FORMATS: tuple[str, ...] = ("E5M2", "E4M3", "E3M4", "E2M5", "E1M6", "E0M7", "E7M0")
-# Remedies to plain nearest storage; "master" (a float32 master copy) is available by name.
-DEFAULT_RULES: tuple[str, ...] = ("nearest", "stochastic", "compensated")
-RULE_NAMES: tuple[str, ...] = STORAGE_RULES
+# Plain nearest storage and its remedies; "master" (a float32 master copy, the usual mixed
+# precision practice) is available by name.
+DEFAULT_RULES: tuple[str, ...] = ("nearest", "stochastic", "compensated", "ulp")
+RULE_NAMES: tuple[str, ...] = (*STORAGE_RULES, "ulp")
 
 
-def get_update_rule(name: str) -> UpdateRule:
-    """The update rule called ``name``: a storage rule of :mod:`altgrad_jax.optim` after Adam."""
+def get_update_rule(name: str, ulp_steps: float = 1.0) -> UpdateRule:
+    """The update rule called ``name`` (see :data:`RULE_NAMES`).
+
+    The storage rules of :func:`altgrad_jax.optim.low_precision_storage` follow Adam. "ulp" is
+    the ULP-aware step: Adam's normalised direction read as a number of grid steps,
+    ``ulp_steps * adam_direction * ulp(w)`` (:func:`altgrad_jax.optim.scale_by_ulp`), stored
+    with nearest rounding, so a step of half a ULP or more always lands whatever the binade.
+    """
     if name == BASELINE:
         return UpdateRule(BASELINE)
     if name not in RULE_NAMES:
         raise ValueError(f"unknown rule {name!r}; known rules: {', '.join(RULE_NAMES)}")
+    if name == "ulp":
+        return UpdateRule(
+            name,
+            optimizer=lambda fmt, lr: optax.chain(
+                optax.scale_by_adam(), optax.scale(-ulp_steps), scale_by_ulp(fmt)
+            ),
+            storage=lambda fmt: low_precision_storage(fmt, "nearest"),
+        )
     return UpdateRule(name, storage=lambda fmt: low_precision_storage(fmt, name))
 
 
@@ -74,6 +89,7 @@ class SweepConfig:
       seed: parameter initialisation and batch order; the same for every run.
       learning_rate, batch_size, eval_batches: see :class:`TrainConfig`.
       context, d_model, n_heads, n_layers: model size (see :class:`ModelConfig`).
+      ulp_steps: grid steps per unit of Adam's direction for the "ulp" rule.
       diverge_loss: a training loss above this counts as divergence; None means
         ``2 * log(vocab_size)``, twice the loss of a uniform guess.
     """
@@ -91,6 +107,7 @@ class SweepConfig:
     d_model: int = 64
     n_heads: int = 4
     n_layers: int = 2
+    ulp_steps: float = 1.0
     diverge_loss: float | None = None
 
     def __post_init__(self) -> None:
@@ -101,6 +118,8 @@ class SweepConfig:
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
         object.__setattr__(self, "formats", tuple(get_format(name).name for name in self.formats))
+        if not (isinstance(self.ulp_steps, (int, float)) and self.ulp_steps > 0):
+            raise ValueError(f"ulp_steps must be positive, got {self.ulp_steps!r}")
         for rule in self.rules:
             get_update_rule(rule)
         if not self.formats and self.rules:
@@ -136,6 +155,7 @@ class RunResult:
     stall_rate: float | None
     final_stall_rate: float | None
     flip_rate: float | None
+    landed_ratio: float | None
     saturation: dict[str, float | None]
     underflow: dict[str, float | None]
     update_ulp_hist: dict[str, int]
@@ -211,10 +231,15 @@ def _summarise(
         stall_rate=float(stall.mean()) if measured else None,
         final_stall_rate=float(tail.mean()) if measured else None,
         flip_rate=float(flips.mean()) if measured else None,
+        landed_ratio=_finite_or_none(rows["landed_ratio"][-1]) if measured else None,
         saturation={role: _rate(rows[role], 3, 0) if measured else None for role in roles},
         underflow={role: _rate(rows[role], 2, 1) if measured else None for role in roles},
         update_ulp_hist=dict(
-            zip(HIST_LABELS, (int(c) for c in rows["hist"].sum(axis=0)), strict=True)
+            zip(
+                HISTOGRAM_LABELS,
+                (int(c) for c in rows["hist"].astype(np.float64).sum(axis=0)),
+                strict=True,
+            )
         ),
         wall_time_s=wall,
         eval_steps=eval_steps,
@@ -266,21 +291,22 @@ def run_sweep(
         else 2 * math.log(max(corpus.vocab_size, 2))
     )
     chunk_len = min(config.eval_every, config.steps)
-    programs: dict[str, tuple[Any, Any, Any]] = {}
+    programs: dict[str, tuple[Any, ...]] = {}
     results = []
     num_params = 0
     for fmt_name, rule_name in config.runs():
-        rule = get_update_rule(rule_name)
+        rule = get_update_rule(rule_name, config.ulp_steps)
         if rule_name not in programs:
             programs[rule_name] = (
+                jax.jit(lambda f, rule=rule: init_state(model, rule, train_config, f, config.seed)),
                 jax.jit(make_train_chunk(model, rule, train_config, chunk_len)),
                 jax.jit(make_train_chunk(model, rule, train_config, config.steps % chunk_len or 1)),
                 jax.jit(lambda p, f, x, y, rule=rule: evaluate(model, rule, p, f, x, y)),
             )
-        chunk, tail_chunk, evaluate_fn = programs[rule_name]
+        init_fn, chunk, tail_chunk, evaluate_fn = programs[rule_name]
         fmt = format_params(get_format(fmt_name or "E4M3")).as_arrays()
         run_start = time.perf_counter()
-        state = init_state(model, rule, train_config, fmt, config.seed)
+        state = init_fn(fmt)
         num_params = sum(leaf.size for leaf in jax.tree_util.tree_leaves(state.params))
         label = fmt_name + "/" + rule_name if fmt_name else rule_name
         metrics, eval_steps, val_losses = [], [], []

@@ -23,15 +23,18 @@ import optax
 
 from altgrad_jax import optim
 from altgrad_jax.formats import FloatFormat, FormatParams
-from altgrad_jax.optim import LowPrecisionState, grid_spacing
-from altgrad_jax.stall import GRAD_THRESHOLD, tree_bit_stall
+from altgrad_jax.optim import (
+    HISTOGRAM_LABELS,
+    LowPrecisionState,
+    landed_stats,
+    monitor_stall,
+    stall_stats,
+)
 
 from .data import sample_batch
 from .model import NUM_STATS, CharTransformer, Quant, format_max_value
 
 __all__ = [
-    "HIST_EDGES",
-    "HIST_LABELS",
     "RunState",
     "TrainConfig",
     "UpdateRule",
@@ -45,10 +48,6 @@ __all__ = [
 Fmt = FloatFormat | FormatParams
 StorageFactory = Callable[[Fmt], optax.GradientTransformation]
 OptimizerFactory = Callable[[Fmt, float], optax.GradientTransformation]
-
-# Bins of |u| / ulp(w): below 1/2 a nearest-rounded update is lost, beyond 1 it always lands.
-HIST_EDGES: tuple[float, ...] = (1 / 64, 1 / 16, 1 / 4, 1 / 2, 1.0, 2.0)
-HIST_LABELS: tuple[str, ...] = ("<1/64", "1/64-1/16", "1/16-1/4", "1/4-1/2", "1/2-1", "1-2", ">=2")
 
 
 def _adam(fmt: Fmt, learning_rate: float) -> optax.GradientTransformation:
@@ -122,31 +121,43 @@ def _sum_sown(qstats, name: str) -> jax.Array:
     return total
 
 
-def _flat(tree: Any, like: Any | None = None) -> jax.Array:
-    """All leaves of ``tree`` raveled into one float32 vector; with ``like``, each (scalar) leaf
-    of ``tree`` is broadcast to the size of the matching leaf of ``like`` first."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    if like is not None:
-        sizes = [leaf.size for leaf in jax.tree_util.tree_leaves(like)]
-        leaves = [jnp.broadcast_to(leaf, (n,)) for leaf, n in zip(leaves, sizes, strict=True)]
-    return jnp.concatenate([jnp.ravel(leaf).astype(jnp.float32) for leaf in leaves])
+def _stored_vectors(params, new_params, updates, new_scales):
+    """Raveled, concatenated ``w``, ``w_new``, ``u`` and per-entry scale over the stored leaves.
 
-
-def _update_metrics(params, new_params, updates, grads, old_scales, new_scales, fmt: Fmt):
-    """Stall, flip and storage statistics, and the |u|/ulp histogram, of one step.
-
-    ``updates`` is what the optimizer proposed (``u``); ``old_scales`` / ``new_scales`` are the
-    per-leaf scales of the grid the weights were stored on before / after the step. A weight
-    underflowed when ``w + u`` was nonzero and is stored as 0; it saturated when
-    ``|w + u| / scale`` exceeded the format's largest value. All leaves are raveled into one
-    vector first, so each statistic is one kernel whatever the number of leaves.
+    A leaf is stored when the storage state has a scale for it (not None). One vector per
+    quantity keeps each statistic a single kernel whatever the number of leaves.
     """
-    w, w_new, u, g = (_flat(t) for t in (params, new_params, updates, grads))
-    scale, new_scale = _flat(old_scales, params), _flat(new_scales, params)
-    stall = tree_bit_stall(w, u, fmt, scale=scale, grads=g).stall_rate
+    treedef = jax.tree_util.tree_structure(params)
+    scales = treedef.flatten_up_to(new_scales)
+    columns: list[list[jax.Array]] = [[], [], [], []]
+    for w, w_new, u, scale in zip(
+        treedef.flatten_up_to(params),
+        treedef.flatten_up_to(new_params),
+        treedef.flatten_up_to(updates),
+        scales,
+        strict=True,
+    ):
+        if scale is None:
+            continue
+        for column, value in zip(columns, (w, w_new, u), strict=False):
+            column.append(jnp.ravel(value).astype(jnp.float32))
+        columns[3].append(jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (jnp.size(w),)))
+    return tuple(jnp.concatenate(column) for column in columns)
+
+
+def _storage_metrics(params, new_params, updates, new_scales, fmt: Fmt):
+    """Flip rate and weight statistics of one step of low-precision storage.
+
+    ``updates`` is what the optimizer proposed (``u``); ``new_scales`` are the per-leaf scales of
+    the grid the weights are stored on after the step (None for leaves kept in float32, which
+    are left out). A weight flipped when its stored value changed; it underflowed when ``w + u``
+    was nonzero and is stored as 0; it saturated when ``|w + u| / scale`` exceeded the format's
+    largest value.
+    """
+    w, w_new, u, new_scale = _stored_vectors(params, new_params, updates, new_scales)
     target = w + u
     nonzero = target != 0
-    storage = jnp.stack(
+    stats = jnp.stack(
         [
             jnp.float32(w.size),
             jnp.sum(nonzero, dtype=jnp.float32),
@@ -154,12 +165,13 @@ def _update_metrics(params, new_params, updates, grads, old_scales, new_scales, 
             jnp.sum(jnp.abs(target) / new_scale > format_max_value(fmt), dtype=jnp.float32),
         ]
     )
-    flips = jnp.mean(w_new != w, dtype=jnp.float32)
-    ratio = jnp.abs(u) / (grid_spacing(w / scale, fmt) * scale)
-    bins = jnp.sum(ratio[:, None] >= jnp.asarray(HIST_EDGES, jnp.float32), axis=-1)
-    counted = (jnp.abs(g) > GRAD_THRESHOLD).astype(jnp.int32)
-    hist = jnp.bincount(bins, counted, length=len(HIST_EDGES) + 1)
-    return stall, flips, storage, hist
+    return jnp.mean(w_new != w, dtype=jnp.float32), stats
+
+
+def _optimizer(rule: UpdateRule, fmt: Fmt, config: TrainConfig) -> optax.GradientTransformation:
+    """The rule's optimizer; for quantized runs wrapped in the stall monitor on the storage grid."""
+    optimizer = rule.optimizer(fmt, config.learning_rate)
+    return monitor_stall(optimizer, fmt, scale="pow2") if rule.quantized else optimizer
 
 
 def init_state(
@@ -178,8 +190,7 @@ def init_state(
         zero = jax.tree_util.tree_map(jnp.zeros_like, params)
         delta, storage_state = storage.update(zero, storage.init(params), params)
         params = optim.apply_updates(params, delta, storage_state)
-    optimizer = rule.optimizer(fmt, config.learning_rate)
-    return RunState(params, optimizer.init(params), storage_state, data_key)
+    return RunState(params, _optimizer(rule, fmt, config).init(params), storage_state, data_key)
 
 
 def make_train_chunk(
@@ -187,10 +198,12 @@ def make_train_chunk(
 ) -> Callable[[RunState, Fmt, jax.Array], tuple[RunState, dict[str, jax.Array]]]:
     """``chunk(state, fmt, train_tokens) -> (state, metrics)``: ``steps`` train steps in a scan.
 
-    ``metrics`` holds one row per step: ``loss``, ``stall_rate``, ``flip_rate``, the statistics
-    vectors ``weights``, ``activations``, ``gradients`` (``[entries, nonzero, underflow,
-    saturated]``), the ``hist`` counts of |u|/ulp (bins :data:`HIST_EDGES`) and ``finite`` (loss
-    and parameters finite). The float32 baseline has NaN for what it does not measure. Jit the
+    ``metrics`` holds one row per step: ``loss``; ``stall_rate`` and ``hist`` (counts of |u|/ulp
+    in the bins of :data:`altgrad_jax.optim.HISTOGRAM_LABELS`) from the stall monitor around the
+    optimizer, on the storage grid; ``flip_rate`` (stored weights that changed);
+    ``landed_ratio`` (run so far); the statistics vectors ``weights``, ``activations``,
+    ``gradients`` (``[entries, nonzero, underflow, saturated]``); ``finite`` (loss and
+    parameters finite). The float32 baseline has NaN for what it does not measure. Jit the
     result with ``fmt`` static for a :class:`FloatFormat`, traced for :class:`FormatParams`.
     """
 
@@ -207,29 +220,27 @@ def make_train_chunk(
         (loss, qstats), (grads, grad_stats) = jax.value_and_grad(
             loss_fn, argnums=(0, 1), has_aux=True
         )(state.params, probe)
-        optimizer = rule.optimizer(fmt, config.learning_rate)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updates, opt_state = _optimizer(rule, fmt, config).update(
+            grads, state.opt_state, state.params
+        )
         if rule.storage is not None:
             stored, storage_state = rule.storage(fmt).update(
                 updates, state.storage_state, state.params
             )
             params = optim.apply_updates(state.params, stored, storage_state)
-            stall, flips, weights, hist = _update_metrics(
-                state.params,
-                params,
-                updates,
-                grads,
-                storage_scales(state.storage_state),
-                storage_scales(storage_state),
-                fmt,
+            flips, weights = _storage_metrics(
+                state.params, params, updates, storage_scales(storage_state), fmt
             )
+            monitored = stall_stats(opt_state).last
+            stall, hist = monitored.stall_rate, monitored.histogram.to_float()
+            landed = landed_stats(storage_state).run_ratio
             activations = _sum_sown(qstats, "activations")
         else:
             storage_state = state.storage_state
             params = optax.apply_updates(state.params, updates)
-            stall = flips = jnp.float32(jnp.nan)
+            stall = flips = landed = jnp.float32(jnp.nan)
             weights = activations = grad_stats = jnp.full((NUM_STATS,), jnp.nan, jnp.float32)
-            hist = jnp.zeros((len(HIST_EDGES) + 1,), jnp.int32)
+            hist = jnp.zeros((len(HISTOGRAM_LABELS),), jnp.float32)
         finite = jnp.isfinite(loss)
         for leaf in jax.tree_util.tree_leaves(params):
             finite = finite & jnp.all(jnp.isfinite(leaf))
@@ -237,6 +248,7 @@ def make_train_chunk(
             "loss": loss,
             "stall_rate": stall,
             "flip_rate": flips,
+            "landed_ratio": landed,
             "weights": weights,
             "activations": activations,
             "gradients": grad_stats,
