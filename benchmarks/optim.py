@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="repetitions per candidate")
     args = parser.parse_args()
     width = 352 if args.quick else 1088
-    reps = args.reps or (5 if args.quick else 11)
+    reps = args.reps or (5 if args.quick else 15)
 
     params = make_params(width)
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape) * 1e-3, params)

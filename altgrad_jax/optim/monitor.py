@@ -193,6 +193,9 @@ def _leaf_stats(
     bins = jnp.where(u32 != 0, 1 + level, 0).astype(jnp.uint8)
     # One byte per entry: histogram bin, flipped, counted; all counts come from it.
     code = (bins << 2) | (flipped.astype(jnp.uint8) << 1) | counted.astype(jnp.uint8)
+    # Materialised once by a parallel elementwise loop; the counting loop below then only
+    # reads bytes instead of re-running the rounding kernels one element at a time.
+    code = jax.lax.optimization_barrier(code)
     flags = [(code & 2) != 0, (code & 1) != 0, (code & 3) == 1]
     flags += [code >= 4 * k for k in range(1, _NUM_BINS)]
     n_flipped, n_counted, n_stalled, *at_least = _count_flags(flags)
