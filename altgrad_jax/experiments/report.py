@@ -61,8 +61,8 @@ META_FIELDS: dict[str, str] = {
     "vocab_size": "characters in the vocabulary",
     "num_params": "parameters of the model",
     "config": "the SweepConfig (formats, rules, steps, seed, learning rate, model size...)",
-    "compilations": "compiled programs per rule (init, train chunk, tail chunk, evaluation); one set "
-    "serves every format",
+    "compilations": "compiled programs per rule (init, train chunk, tail chunk, evaluation); "
+    "one set serves every format",
     "wall_time_s": "seconds for the whole sweep",
     "jax_version": "the JAX that ran it",
     "hist_edges": "bin edges of update_ulp_hist",
@@ -256,7 +256,12 @@ def _plot_hist(result: SweepResult, path: Path) -> None:
             total = max(sum(counts), 1)
             xs = [i + k * width for i in range(len(HISTOGRAM_LABELS))]
             ax.bar(xs, [c / total for c in counts], width=width, label=run.format)
-        ax.set_xticks([i + 0.4 for i in range(len(HISTOGRAM_LABELS))], HISTOGRAM_LABELS, fontsize=7)
+        ax.set_xticks(
+            [i + 0.4 for i in range(len(HISTOGRAM_LABELS))],
+            HISTOGRAM_LABELS,
+            fontsize=7,
+            rotation=30,
+        )
         # Left of this line (|u| < ulp / 2) nearest rounding loses the update.
         ax.axvline(HISTOGRAM_LABELS.index("[1/2, 1)") - 0.1, color="k", lw=0.8, ls=":")
         ax.set_title(f"|update| / ulp(w), rule: {rule}")
@@ -265,6 +270,54 @@ def _plot_hist(result: SweepResult, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _best_per_format(result: SweepResult) -> dict[str, RunResult]:
+    """The finished run with the lowest final validation loss for each format."""
+    best: dict[str, RunResult] = {}
+    for run in result.runs:
+        if run.format is None or run.final_val_loss is None:
+            continue
+        if run.format not in best or run.final_val_loss < best[run.format].final_val_loss:
+            best[run.format] = run
+    return best
+
+
+def _answer(result: SweepResult) -> list[str]:
+    """The research question answered in a few sentences, from the numbers."""
+    nearest = [r for r in result.runs if r.rule == "nearest" and r.stall_rate is not None]
+    lines = ["## Answer", ""]
+    if nearest:
+        worst = max(nearest, key=lambda run: run.stall_rate)
+        lines.append(
+            f"- Most stall: **{worst.format}**, {_pct(worst.stall_rate)} of updates lost under "
+            f"nearest storage (landed ratio {_num(worst.landed_ratio, 2)})."
+        )
+    best = _best_per_format(result)
+    remedies = [run.rule for run in best.values() if run.rule != "nearest"]
+    if remedies:
+        winner = max(dict.fromkeys(remedies), key=remedies.count)
+        lines.append(
+            f"- Best rescue: **{winner}**, best for {remedies.count(winner)} of {len(best)} "
+            "formats."
+        )
+    baseline = _baseline(result)
+    if baseline is not None and baseline.final_val_loss is not None and best:
+        gaps = ", ".join(
+            f"{fmt} {run.final_val_loss - baseline.final_val_loss:+.3f} ({run.rule})"
+            for fmt, run in best.items()
+        )
+        lines.append(f"- Best final validation loss minus float32's, per format: {gaps}.")
+    twins = {}
+    for run in nearest:
+        twins.setdefault(tuple(run.train_loss), []).append(run.format)
+    for names in twins.values():
+        if len(names) > 1:
+            lines.append(
+                f"- {' and '.join(names)} trained identically: under power-of-two storage "
+                "scaling their grids coincide (E1M6 is fixed point; see notebooks/01_formats)."
+            )
+    return [*lines, ""] if len(lines) > 2 else []
 
 
 def _report_md(result: SweepResult) -> str:
@@ -284,6 +337,7 @@ def _report_md(result: SweepResult) -> str:
         + ".",
         "",
     ]
+    lines += _answer(result)
     if baseline is not None:
         lines += [
             f"float32 baseline: final validation loss {_num(baseline.final_val_loss)} "
