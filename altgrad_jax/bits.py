@@ -24,7 +24,15 @@ import numpy as np
 
 from altgrad_jax.formats import FloatFormat, FormatParams, format_params, get_format
 
-__all__ = ["ROUNDING_MODES", "Rounding", "from_bits", "round_float32", "to_bits", "ulp"]
+__all__ = [
+    "ROUNDING_MODES",
+    "Rounding",
+    "from_bits",
+    "power_of_two",
+    "round_float32",
+    "to_bits",
+    "ulp",
+]
 
 Rounding = Literal["nearest", "stochastic", "toward_zero"]
 ROUNDING_MODES: tuple[str, ...] = ("nearest", "stochastic", "toward_zero")
@@ -125,11 +133,15 @@ def _exponent_of(a: jax.Array) -> jax.Array:
     return jnp.where(field > 0, field - 127, subnormal_exponent)
 
 
-def _power_of_two_bits(exponent: jax.Array) -> jax.Array:
-    """float32 bits of 2**exponent for integer exponents in [-149, 127]."""
+def power_of_two(exponent: jax.Array) -> jax.Array:
+    """``2**exponent`` as float32, built from bits (exact, subnormals included); int exponents.
+
+    Exponents are clipped to float32's range [-149, 127].
+    """
+    exponent = jnp.clip(jnp.asarray(exponent, jnp.int32), -149, 127)
     normal = (exponent + 127).astype(_U32) << 23
-    subnormal = _U32(1) << jnp.clip(exponent + 149, 0, 31).astype(_U32)
-    return jnp.where(exponent >= -126, normal, subnormal)
+    subnormal = _U32(1) << jnp.clip(exponent + 149, 0, 22).astype(_U32)
+    return _as_f32(jnp.where(exponent >= -126, normal, subnormal))
 
 
 def _check_float(x: jax.Array, what: str) -> jax.Array:
@@ -222,18 +234,20 @@ def from_bits(codes: jax.Array, fmt: FloatFormat | str) -> jax.Array:
     return _as_f32(out)
 
 
-def ulp(x: jax.Array, fmt: FloatFormat | str) -> jax.Array:
+def ulp(x: jax.Array, fmt: FloatFormat | str | FormatParams) -> jax.Array:
     """Spacing of ``fmt``'s grid at ``|x|``: from the grid value at or below |x| to the next one.
 
     ``2**(e - M)`` for |x| in the binade ``[2**e, 2**(e+1))``, the subnormal quantum below the
-    normal range, the top binade's spacing beyond ``max_value``; NaN for inf and NaN. float32.
+    normal range, the top binade's spacing beyond ``max_value`` (fixed point: the quantum
+    everywhere); NaN for inf and NaN. float32. ``fmt`` may be traced :class:`FormatParams`.
     """
-    fmt = get_format(fmt)
+    p = fmt if isinstance(fmt, FormatParams) else format_params(get_format(fmt))
     x = _check_float(x, "ulp").astype(jnp.float32)
     a = _as_u32(x) & _U32(_ABS)
-    if fmt.is_fixed_point:
-        exponent = jnp.full(x.shape, fmt._emin, jnp.int32)
-    else:
-        exponent = jnp.clip(_exponent_of(a), fmt._emin, fmt.emax)
-    out = _as_f32(_power_of_two_bits(exponent - fmt.mantissa_bits))
+    # The lowest binade's exponent; exponent-only formats start their normal frame one above.
+    emin = jnp.asarray(p.min_normal_field, jnp.int32) - 128 + jnp.asarray(p.has_zero, jnp.int32)
+    emax = _exponent_of(jnp.asarray(p.max_bits, _U32))
+    # Clamp to emax first: for fixed point emax < emin and the quantum must win.
+    exponent = jnp.maximum(jnp.minimum(_exponent_of(a), emax), emin)
+    out = power_of_two(exponent - jnp.asarray(p.mantissa_bits, jnp.int32))
     return jnp.where(a >= _INF, jnp.float32(jnp.nan), out)

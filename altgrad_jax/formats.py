@@ -386,6 +386,14 @@ class FormatParams(NamedTuple):
     has_nan: bool | jax.Array
     has_zero: bool | jax.Array
 
+    @property
+    def max_value(self) -> jax.Array:
+        """The format's largest finite value as a float32 scalar (traced for array params)."""
+        import jax
+        import jax.numpy as jnp
+
+        return jax.lax.bitcast_convert_type(jnp.asarray(self.max_bits, jnp.uint32), jnp.float32)
+
     def as_arrays(self) -> FormatParams:
         """The same numbers as JAX arrays (uint32 and bool), for traced formats."""
         import jax.numpy as jnp

@@ -154,9 +154,4 @@ def quantize(
     quantized = back.astype(x.dtype)
     if not clip_gradient:
         return _straight_through(x, quantized)
-    max_value = (
-        jnp.float32(static_fmt.max_value)
-        if static_fmt is not None
-        else jax.lax.bitcast_convert_type(params.max_bits, jnp.float32)
-    )
-    return _clipped_straight_through(x, quantized, jnp.abs(scaled) <= max_value)
+    return _clipped_straight_through(x, quantized, jnp.abs(scaled) <= params.max_value)

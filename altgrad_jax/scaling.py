@@ -90,8 +90,7 @@ class AmaxHistory:
 def _scale_factor(fmt: FloatFormat | str | FormatParams, margin: float) -> jax.Array:
     """``margin / max_value`` rounded once to float32, the same for static and traced formats."""
     if isinstance(fmt, FormatParams):
-        max_value = jax.lax.bitcast_convert_type(jnp.asarray(fmt.max_bits, jnp.uint32), jnp.float32)
-        return jnp.float32(margin) / max_value
+        return jnp.float32(margin) / fmt.max_value
     return jnp.float32(np.float32(margin) / np.float32(get_format(fmt).max_value))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -105,3 +106,10 @@ def test_ulp_at_the_ends():
     assert float(ag.ulp(1.0, ag.BF16)) == 2.0**-7
     assert float(ag.ulp(1e-40, ag.BF16)) == 2.0**-133
     assert np.isnan(ag.ulp(jnp.inf, ag.E5M2)) and np.isnan(ag.ulp(jnp.nan, ag.E5M2))
+
+
+@pytest.mark.parametrize("fmt", ALL_CODE_FORMATS, ids=lambda f: f.name)
+def test_ulp_takes_traced_formats(fmt):
+    x = np.concatenate([ag.grid(f) for f in SMALL_FORMATS]).astype(np.float32)
+    traced = jax.jit(ag.ulp)(x, ag.format_params(fmt).as_arrays())
+    np.testing.assert_array_equal(np.asarray(traced), np.asarray(ag.ulp(x, fmt)))

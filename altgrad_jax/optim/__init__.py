@@ -14,7 +14,7 @@ Formats are a FloatFormat, a name, a ``PathRules`` (path -> format | None), or t
 ``FormatParams`` arrays, so one jitted step serves every format.
 """
 
-from altgrad_jax.optim._common import grid_spacing, pow2_scale
+from altgrad_jax.optim._common import pow2_scale
 from altgrad_jax.optim.monitor import (
     HISTOGRAM_EDGES,
     HISTOGRAM_LABELS,
@@ -51,7 +51,6 @@ __all__ = [
     "UpdateStats",
     "apply_updates",
     "grid_sgd",
-    "grid_spacing",
     "grid_to_rung",
     "landed_stats",
     "low_precision_storage",

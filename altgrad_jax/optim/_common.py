@@ -1,4 +1,4 @@
-"""Shared pieces of the optax transforms: per-leaf formats, grid scales, grid spacing, sums.
+"""Shared pieces of the optax transforms: per-leaf formats, grid scales, sums.
 
 Formats may be static (a :class:`FloatFormat`, resolved at trace time) or traced
 (:class:`FormatParams` of arrays), so one compiled train step can serve every format. Everything
@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from altgrad_jax.bits import power_of_two
 from altgrad_jax.formats import FloatFormat, FormatParams, format_params, get_format
 from altgrad_jax.scaling import compute_scale
 
@@ -22,8 +23,6 @@ FormatSpec = FloatFormat | str | FormatParams | Callable[..., Any]
 
 LeafFormat = FloatFormat | FormatParams
 SCALE_MODES: tuple[str, ...] = ("pow2", "amax")
-
-_U32 = jnp.uint32
 
 
 def check_format_spec(fmt: FormatSpec) -> FormatSpec:
@@ -86,50 +85,9 @@ def kernel_params(fmt: LeafFormat) -> FormatParams:
     return fmt if isinstance(fmt, FormatParams) else format_params(fmt)
 
 
-def _as_f32(bits: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
 def max_value(fmt: LeafFormat) -> jax.Array:
     """The format's largest finite value as float32 (traced for ``FormatParams``)."""
-    return _as_f32(jnp.asarray(kernel_params(fmt).max_bits, _U32))
-
-
-def _floor_log2(a: jax.Array) -> jax.Array:
-    """floor(log2(a)) for non-negative float32 ``a`` from its bits (int32; zero gives -150)."""
-    bits = jax.lax.bitcast_convert_type(a, _U32)
-    field = (bits >> 23).astype(jnp.int32)
-    subnormal = (31 - jax.lax.clz(bits).astype(jnp.int32)) - 149
-    return jnp.where(field > 0, field - 127, subnormal)
-
-
-def power_of_two(exponent: jax.Array) -> jax.Array:
-    """2**exponent as float32, exactly, for integer exponents in [-149, 127]."""
-    exponent = jnp.asarray(exponent, jnp.int32)
-    normal = (jnp.clip(exponent, -126, 127) + 127).astype(_U32) << 23
-    subnormal = _U32(1) << jnp.clip(exponent + 149, 0, 22).astype(_U32)
-    return _as_f32(jnp.where(exponent >= -126, normal, subnormal))
-
-
-def _exponent_range(fmt: LeafFormat) -> tuple[jax.Array, jax.Array]:
-    """(emin, emax): exponents of the lowest binade and of the one holding max_value."""
-    p = kernel_params(fmt)
-    emin = jnp.asarray(p.min_normal_field, jnp.int32) - 127
-    emin = emin - (1 - jnp.asarray(p.has_zero, jnp.int32))
-    return emin, _floor_log2(max_value(fmt))
-
-
-def grid_spacing(x: jax.Array, fmt: LeafFormat) -> jax.Array:
-    """The format's grid spacing at |x| (its ULP), for static or traced formats; float32.
-
-    Equal to :func:`altgrad_jax.ulp` for finite ``x``: ``2**(e - M)`` for |x| in
-    ``[2**e, 2**(e+1))``, clipped to the format's binades (the subnormal quantum below, the top
-    binade above). Fixed point has one binade, so its spacing is the quantum everywhere.
-    """
-    p = kernel_params(fmt)
-    emin, emax = _exponent_range(fmt)
-    exponent = jnp.maximum(jnp.minimum(_floor_log2(jnp.abs(x).astype(jnp.float32)), emax), emin)
-    return power_of_two(exponent - jnp.asarray(p.mantissa_bits, jnp.int32))
+    return kernel_params(fmt).max_value
 
 
 def pow2_scale(amax: jax.Array, fmt: LeafFormat) -> jax.Array:

@@ -23,13 +23,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from altgrad_jax.bits import ulp
 from altgrad_jax.optim._common import (
     FormatSpec,
     RunningSum,
     check_format_spec,
     check_scale,
     find_states,
-    grid_spacing,
     iter_leaves,
     resolve_scale,
     safe_ratio,
@@ -188,7 +188,7 @@ def _leaf_stats(
     flipped = new != old
     counted = jnp.abs(g) > GRAD_THRESHOLD
     magnitude = jnp.abs(u32)
-    spacing = grid_spacing(old / s, fmt) * s
+    spacing = ulp(old / s, fmt) * s
     level = sum((magnitude >= edge * spacing).astype(jnp.uint8) for edge in HISTOGRAM_EDGES)
     bins = jnp.where(u32 != 0, 1 + level, 0).astype(jnp.uint8)
     # One byte per entry: histogram bin, flipped, counted; all counts come from it.

@@ -22,17 +22,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from altgrad_jax.bits import power_of_two, ulp
 from altgrad_jax.formats import FloatFormat
 from altgrad_jax.optim._common import (
     FormatSpec,
     LeafFormat,
     check_format_spec,
     check_scale,
-    grid_spacing,
     iter_leaves,
     kernel_params,
     max_value,
-    power_of_two,
     resolve_scale,
 )
 from altgrad_jax.quantize import quantize, random_bits
@@ -68,7 +67,7 @@ def _spacing_toward(w: jax.Array, direction: jax.Array, fmt: LeafFormat) -> jax.
     a = jnp.abs(w).astype(jnp.float32)
     toward_zero = (direction * w < 0) & (a > 0)
     below = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(a, _U32) - 1, jnp.float32)
-    return grid_spacing(jnp.where(toward_zero, below, a), fmt)
+    return ulp(jnp.where(toward_zero, below, a), fmt)
 
 
 def scale_by_ulp(
@@ -125,7 +124,7 @@ def scale_by_stiffness(
         def leaf(_, g, w, leaf_fmt):
             w32 = jnp.asarray(w, jnp.float32)
             s = resolve_scale(scale, w32, leaf_fmt)
-            return jnp.asarray(g, jnp.float32) * (grid_spacing(w32 / s, leaf_fmt) * s)
+            return jnp.asarray(g, jnp.float32) * (ulp(w32 / s, leaf_fmt) * s)
 
         return _map_leaves(fmt, updates, params, leaf), state
 
