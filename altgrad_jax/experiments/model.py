@@ -31,7 +31,6 @@ __all__ = [
     "CharTransformer",
     "ModelConfig",
     "Quant",
-    "format_max_value",
     "quantize_cotangent",
     "quantize_with_stats",
     "tensor_stats",
@@ -43,13 +42,6 @@ Fmt = FloatFormat | FormatParams
 NUM_STATS = 4
 
 
-def format_max_value(fmt: Fmt) -> jax.Array | float:
-    """``fmt.max_value``, also for a traced format."""
-    if isinstance(fmt, FormatParams):
-        return jax.lax.bitcast_convert_type(jnp.asarray(fmt.max_bits, jnp.uint32), jnp.float32)
-    return fmt.max_value
-
-
 def tensor_stats(x: jax.Array, q: jax.Array, scale: jax.Array, fmt: Fmt) -> jax.Array:
     """Counts for one quantized tensor: ``[entries, nonzero, underflowed, saturated]``, float32.
 
@@ -59,7 +51,7 @@ def tensor_stats(x: jax.Array, q: jax.Array, scale: jax.Array, fmt: Fmt) -> jax.
     x = jax.lax.stop_gradient(x).astype(jnp.float32)
     nonzero = x != 0
     underflow = nonzero & (q == 0)
-    saturated = jnp.abs(x / scale) > format_max_value(fmt)
+    saturated = jnp.abs(x / scale) > fmt.max_value
     return jnp.stack(
         [
             jnp.float32(x.size),

@@ -36,7 +36,7 @@ from altgrad_jax.optim import (
 )
 
 from .data import sample_batch
-from .model import NUM_STATS, CharTransformer, Quant, format_max_value
+from .model import NUM_STATS, CharTransformer, Quant
 
 __all__ = [
     "RunState",
@@ -166,7 +166,7 @@ def _storage_metrics(params, new_params, updates, new_scales, fmt: Fmt):
             jnp.float32(w.size),
             jnp.sum(nonzero, dtype=jnp.float32),
             jnp.sum(nonzero & (w_new == 0), dtype=jnp.float32),
-            jnp.sum(jnp.abs(target) / new_scale > format_max_value(fmt), dtype=jnp.float32),
+            jnp.sum(jnp.abs(target) / new_scale > fmt.max_value, dtype=jnp.float32),
         ]
     )
     return jnp.mean(w_new != w, dtype=jnp.float32), stats
