@@ -213,11 +213,21 @@ def _leaf_stats(
     )
 
 
+def _is_sampled_step(steps: ExactCount, every: int) -> jax.Array:
+    """Whether the exact step count is a multiple of ``every`` (< 2**16, so nothing overflows)."""
+    if every == 1:
+        return jnp.bool_(True)
+    e = jnp.uint32(every)
+    wrap = jnp.uint32(2**32 % every)
+    return ((steps.high % e) * wrap + steps.low % e) % e == 0
+
+
 def monitor_stall(
     inner: optax.GradientTransformation,
     fmt: FormatSpec,
     *,
     scale: float | Literal["amax", "pow2"] = "amax",
+    every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that each step also records the bit-stall and flip statistics.
 
@@ -232,6 +242,10 @@ def monitor_stall(
       scale: "amax" (the seed's current scaling, ``compute_scale(max|w|)``, as in
         :func:`tree_bit_stall`), "pow2" (the grid of :func:`low_precision_storage`) or a fixed
         positive float.
+      every: measure every ``every``-th step only (steps 0, every, 2 * every, ...), like a
+        logging interval: the statistics cost about two rounding passes per weight, which on a
+        CPU is as much as Adam's own arithmetic, and ``lax.cond`` skips them on other steps.
+        ``last`` then holds the latest measured step and ``total`` sums measured steps only.
 
     Returns:
       A transformation with :class:`StallMonitorState`; read it with :func:`stall_stats`.
@@ -239,6 +253,8 @@ def monitor_stall(
     inner = optax.with_extra_args_support(inner)
     fmt = check_format_spec(fmt)
     scale = check_scale(scale)
+    if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every < 2**16:
+        raise ValueError(f"every must be an int in [1, 65535], got {every!r}")
 
     def init_fn(params):
         treedef = jax.tree_util.tree_structure(params)
@@ -268,32 +284,44 @@ def monitor_stall(
         if params is None:
             raise ValueError("monitor_stall needs params: update(updates, state, params)")
         new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-        # Computed once: otherwise every statistic re-runs the optimizer's arithmetic.
-        new_updates = jax.lax.optimization_barrier(new_updates)
+        if every == 1:
+            # Computed once: otherwise every statistic re-runs the optimizer's arithmetic.
+            # (Operands of a cond are materialised anyway.)
+            new_updates = jax.lax.optimization_barrier(new_updates)
         treedef = jax.tree_util.tree_structure(params)
-        update_leaves = treedef.flatten_up_to(new_updates)
-        grad_leaves = treedef.flatten_up_to(updates)
-        old_totals = treedef.flatten_up_to(state.leaf_total)
-        leaf_last, leaf_total = [], []
-        last = UpdateStats.zero(running=False)
-        for i, _, w, leaf_fmt in iter_leaves(fmt, params):
-            if leaf_fmt is None:
-                leaf_last.append(None)
-                leaf_total.append(None)
-                continue
-            stats = _leaf_stats(w, update_leaves[i], grad_leaves[i], leaf_fmt, scale)
-            leaf_last.append(stats)
-            leaf_total.append(old_totals[i].accumulate(stats))
-            last = last.accumulate(stats)
-        new_state = StallMonitorState(
-            inner_state=inner_state,
-            steps=state.steps.add(1),
-            last=last,
-            total=state.total.accumulate(last),
-            leaf_last=treedef.unflatten(leaf_last),
-            leaf_total=treedef.unflatten(leaf_total),
-        )
-        return new_updates, new_state
+
+        def measure(operands):
+            params, new_updates, updates, old = operands  # old: the state without inner_state
+            update_leaves = treedef.flatten_up_to(new_updates)
+            grad_leaves = treedef.flatten_up_to(updates)
+            old_totals = treedef.flatten_up_to(old.leaf_total)
+            leaf_last, leaf_total = [], []
+            last = UpdateStats.zero(running=False)
+            for i, _, w, leaf_fmt in iter_leaves(fmt, params):
+                if leaf_fmt is None:
+                    leaf_last.append(None)
+                    leaf_total.append(None)
+                    continue
+                stats = _leaf_stats(w, update_leaves[i], grad_leaves[i], leaf_fmt, scale)
+                leaf_last.append(stats)
+                leaf_total.append(old_totals[i].accumulate(stats))
+                last = last.accumulate(stats)
+            return old._replace(
+                last=last,
+                total=old.total.accumulate(last),
+                leaf_last=treedef.unflatten(leaf_last),
+                leaf_total=treedef.unflatten(leaf_total),
+            )
+
+        # The inner state stays out of the cond: carried through it, it would be copied.
+        operands = (params, new_updates, updates, state._replace(inner_state=None))
+        if every == 1:
+            measured = measure(operands)
+        else:
+            measured = jax.lax.cond(
+                _is_sampled_step(state.steps, every), measure, lambda ops: ops[3], operands
+            )
+        return new_updates, measured._replace(inner_state=inner_state, steps=state.steps.add(1))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

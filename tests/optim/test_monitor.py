@@ -247,3 +247,35 @@ def test_vmap_over_formats_gives_each_format_its_own_stats():
     batched = jax.jit(jax.vmap(stall_rate))(stack_format_params(formats))
     for fmt, rate in zip(formats, np.asarray(batched), strict=True):
         assert rate == float(stall_rate(fmt))
+
+
+def test_every_k_steps_measures_only_sampled_steps():
+    dense = monitor_stall(optax.sgd(0.01), E5M2)
+    sampled = monitor_stall(optax.sgd(0.01), E5M2, every=3)
+    dense_state, sampled_state = dense.init(PARAMS), sampled.init(PARAMS)
+    update_dense, update_sampled = jax.jit(dense.update), jax.jit(sampled.update)
+    for step in range(7):
+        grads = jax.tree.map(lambda g, step=step: g * (step + 1), GRADS)
+        before = stall_stats(sampled_state)
+        _, dense_state = update_dense(grads, dense_state, PARAMS)
+        _, sampled_state = update_sampled(grads, sampled_state, PARAMS)
+        after = stall_stats(sampled_state)
+        assert int(after.steps) == step + 1
+        if step % 3 == 0:
+            for a, b in zip(
+                jax.tree.leaves(after.last),
+                jax.tree.leaves(stall_stats(dense_state).last),
+                strict=True,
+            ):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        else:
+            for a, b in zip(jax.tree.leaves(after[2:]), jax.tree.leaves(before[2:]), strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # three measured steps (0, 3, 6) of 512 + 15 counted entries each
+    assert int(stall_stats(sampled_state).total.counted) == 3 * (512 + 15)
+
+
+@pytest.mark.parametrize("every", [0, -2, 2**16, 1.5, True])
+def test_every_must_be_a_small_positive_int(every):
+    with pytest.raises(ValueError, match="every"):
+        monitor_stall(optax.sgd(0.1), E5M2, every=every)
