@@ -69,8 +69,9 @@ def round_float32(
 
     Finite overflow and inf saturate to the largest finite value (inf stays inf in formats with
     inf); NaN stays NaN. ``random_bits`` (uint32, x's shape) drive stochastic rounding: the
-    element rounds up with probability (distance to the lower neighbour) / gap, resolved to
-    2**-23 of the gap (2**-24 below the smallest positive value).
+    element rounds up with probability (distance to the lower neighbour) / gap, exactly (as many
+    random bits are added as bits are dropped); below the smallest positive value the
+    probability is resolved to 2**-24.
     """
     p = params
     bits = _as_u32(x)
