@@ -65,9 +65,16 @@ class ExactCount:
         return int(self)
 
 
+def safe_ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """numerator / denominator in float32, 0 where the denominator is 0."""
+    numerator = jnp.asarray(numerator, jnp.float32)
+    denominator = jnp.asarray(denominator, jnp.float32)
+    positive = denominator > 0
+    return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
+
+
 def _ratio(numerator: ExactCount, denominator: ExactCount) -> jax.Array:
-    total = denominator.to_float()
-    return jnp.where(total > 0, numerator.to_float() / jnp.maximum(total, 1.0), jnp.float32(0.0))
+    return safe_ratio(numerator.to_float(), denominator.to_float())
 
 
 def _stall_mask(

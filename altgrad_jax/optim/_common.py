@@ -127,11 +127,3 @@ class RunningSum(NamedTuple):
         y = jnp.asarray(value, jnp.float32) - self.compensation
         total = self.total + y
         return RunningSum(total, (total - self.total) - y)
-
-
-def safe_ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-    """numerator / denominator, 0 where the denominator is 0."""
-    numerator = jnp.asarray(numerator, jnp.float32)
-    denominator = jnp.asarray(denominator, jnp.float32)
-    positive = denominator > 0
-    return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)

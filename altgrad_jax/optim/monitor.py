@@ -32,10 +32,9 @@ from altgrad_jax.optim._common import (
     find_states,
     iter_leaves,
     resolve_scale,
-    safe_ratio,
 )
 from altgrad_jax.quantize import quantize
-from altgrad_jax.stall import GRAD_THRESHOLD, ExactCount
+from altgrad_jax.stall import GRAD_THRESHOLD, ExactCount, safe_ratio
 
 __all__ = [
     "HISTOGRAM_EDGES",

@@ -45,10 +45,10 @@ from altgrad_jax.optim._common import (
     find_states,
     iter_leaves,
     resolve_scale,
-    safe_ratio,
 )
 from altgrad_jax.quantize import quantize
 from altgrad_jax.rules import path_str
+from altgrad_jax.stall import safe_ratio
 
 __all__ = [
     "STORAGE_RULES",
