@@ -39,7 +39,10 @@ FormatRule = Callable[[tuple, jax.Array], "FloatFormat | str | None"]
 
 @flax.struct.dataclass
 class ExactCount:
-    """A non-negative integer counter exact up to 2**64, as two uint32 words (high, low)."""
+    """A non-negative integer counter exact up to 2**64, as two uint32 words (high, low).
+
+    The words may be arrays (one counter per entry); indexing gives those counters.
+    """
 
     high: jax.Array
     low: jax.Array
@@ -49,7 +52,7 @@ class ExactCount:
         return cls(jnp.zeros((), jnp.uint32), jnp.zeros((), jnp.uint32))
 
     def add(self, n: jax.Array) -> ExactCount:
-        """Adds a uint32 (or smaller non-negative integer) scalar, carrying into the high word."""
+        """Adds uint32 (or smaller non-negative integer) counts, carrying into the high word."""
         n = jnp.asarray(n).astype(jnp.uint32)
         low = self.low + n
         return ExactCount(self.high + (low < self.low).astype(jnp.uint32), low)
@@ -57,6 +60,9 @@ class ExactCount:
     def to_float(self) -> jax.Array:
         """The count as float32 (exact to 2**24, then relative error 2**-24)."""
         return self.high.astype(jnp.float32) * jnp.float32(2.0**32) + self.low.astype(jnp.float32)
+
+    def __getitem__(self, index) -> ExactCount:
+        return ExactCount(self.high[index], self.low[index])
 
     def __int__(self) -> int:
         return (int(self.high) << 32) | int(self.low)

@@ -10,6 +10,9 @@ inner transform produced, ``Q(w)`` and ``Q(w + u)``, at the leaf's format and sc
   round-to-nearest always stalls, so this shows *where* a format loses updates;
 * landed ratio: ``sum|Q(w + u) - Q(w)| / sum|u|``, per step and over the run.
 
+All counts are exact integers (``ExactCount`` totals never overflow). With ``every=k`` each step
+measures one rotating block of ``1/k`` of every tensor, so each weight is seen every k-th step.
+
 Wrapping the float optimizer (``monitor_stall(optax.adam(lr), fmt)``) shows what nearest
 storage would keep. Wrapping a chain that ends in :func:`low_precision_storage` with
 ``scale="pow2"`` shows what the stored weights actually did (their grid is that scale's grid).
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from altgrad_jax.bits import ulp
+from altgrad_jax.bits import round_float32, ulp
 from altgrad_jax.optim._common import (
     FormatSpec,
     RunningSum,
@@ -31,9 +34,9 @@ from altgrad_jax.optim._common import (
     check_scale,
     find_states,
     iter_leaves,
+    kernel_params,
     resolve_scale,
 )
-from altgrad_jax.quantize import quantize
 from altgrad_jax.stall import GRAD_THRESHOLD, ExactCount, safe_ratio
 
 __all__ = [
@@ -60,55 +63,72 @@ HISTOGRAM_LABELS: tuple[str, ...] = (
 _NUM_BINS = len(HISTOGRAM_LABELS)
 
 
+_COUNT_NAMES: tuple[str, ...] = ("stalled", "counted", "flipped", "moved", "entries")
+_NUM_COUNTS = len(_COUNT_NAMES) + _NUM_BINS
+
+
 def _as_float(value: Any) -> jax.Array:
     if isinstance(value, ExactCount):
         return value.to_float()
-    if isinstance(value, RunningSum):
-        return value.total
     return jnp.asarray(value, jnp.float32)
 
 
-def _add_count(total: ExactCount, n: Any) -> ExactCount:
-    """Adds a uint32 count or another :class:`ExactCount` exactly."""
+def _add_counts(total: ExactCount, n: Any) -> ExactCount:
+    """Adds uint32 counts or another :class:`ExactCount` exactly."""
     if not isinstance(n, ExactCount):
         return total.add(n)
     summed = total.add(n.low)
     return ExactCount(summed.high + n.high, summed.low)
 
 
-class UpdateStats(NamedTuple):
-    """Counts and sums of one update, or of a run of them.
+def _count(index: int | slice):
+    return property(lambda self: self.counts[index])
 
-    Counts are uint32 for one leaf and one step, :class:`ExactCount` for totals and runs; the
-    sums are float32 for one step and :class:`RunningSum` for runs.
+
+def _sum(index: int):
+    def read(self):
+        sums = self.sums.total if isinstance(self.sums, RunningSum) else self.sums
+        return sums[index]
+
+    return property(read)
+
+
+class UpdateStats(NamedTuple):
+    """Counts and sums of one update, or of a run of them, as two vectors.
+
+    ``counts`` holds stalled, counted, flipped, moved, entries and the ``|u| / ulp`` histogram:
+    uint32 for one leaf and one step, an :class:`ExactCount` for totals. ``sums`` holds landed
+    and requested: float32 for one step, a :class:`RunningSum` for runs. Read them by name
+    (``stats.stalled``, ``stats.histogram``, ``stats.landed``); two arrays instead of thirteen
+    keep the optimizer state, and the bookkeeping of every step, small.
     """
 
-    stalled: Any  # |g| > 1e-10 and the quantized weight did not change
-    counted: Any  # |g| > 1e-10
-    flipped: Any  # the quantized weight changed
-    moved: Any  # u != 0
-    entries: Any  # float entries looked at
-    histogram: Any  # [len(HISTOGRAM_LABELS)] counts of |u| / ulp(w)
-    landed: Any  # sum |Q(w + u) - Q(w)|
-    requested: Any  # sum |u|
+    counts: Any
+    sums: Any
+
+    stalled = _count(0)  # |g| > 1e-10 and the quantized weight did not change
+    counted = _count(1)  # |g| > 1e-10
+    flipped = _count(2)  # the quantized weight changed
+    moved = _count(3)  # u != 0
+    entries = _count(4)  # float entries looked at
+    histogram = _count(slice(5, None))  # counts of |u| / ulp(w) in HISTOGRAM_LABELS' bins
+    landed = _sum(0)  # sum |Q(w + u) - Q(w)|
+    requested = _sum(1)  # sum |u|
 
     @classmethod
     def zero(cls, running: bool = True) -> UpdateStats:
         """Exact-counter totals at zero; sums are running (Kahan) sums or plain float32."""
-        bins = jnp.zeros((_NUM_BINS,), jnp.uint32)
-        counts = [ExactCount.zero() for _ in range(5)]
-        sums = [RunningSum.zero() if running else jnp.zeros((), jnp.float32) for _ in range(2)]
-        return cls(*counts, ExactCount(bins, bins), *sums)
+        zeros = jnp.zeros((_NUM_COUNTS,), jnp.uint32)
+        sums = jnp.zeros((2,), jnp.float32)
+        return cls(ExactCount(zeros, zeros), RunningSum(sums, sums) if running else sums)
 
     def accumulate(self, step: UpdateStats) -> UpdateStats:
         """Adds one step's (or one leaf's) counts and sums to these totals."""
-        return UpdateStats(
-            *(_add_count(total, n) for total, n in zip(self[:6], step[:6], strict=True)),
-            *(
-                total.add(x) if isinstance(total, RunningSum) else total + x
-                for total, x in zip(self[6:], step[6:], strict=True)
-            ),
-        )
+        if isinstance(self.sums, RunningSum):
+            sums = self.sums.add(step.sums)
+        else:
+            sums = self.sums + step.sums
+        return UpdateStats(_add_counts(self.counts, step.counts), sums)
 
     @property
     def stall_rate(self) -> jax.Array:
@@ -161,17 +181,49 @@ class StallMonitorState(NamedTuple):
     leaf_total: Any
 
 
-def _count_flags(flags: list[jax.Array]) -> list[jax.Array]:
-    """Sums of several boolean arrays in one pass (a variadic reduction), as uint32.
+_ROW = 512
+"""Entries per first-level partial count: a row's counts stay below 2**10 (see _pack)."""
 
-    Separate sums of the same inputs become one multi-output loop that XLA's CPU backend runs
-    far slower than this single reduction with several accumulators.
-    """
-    operands = [jnp.ravel(flag).astype(jnp.uint32) for flag in flags]
-    zeros = [jnp.uint32(0)] * len(operands)
+
+def _pack(flags: list[jax.Array]) -> list[jax.Array]:
+    """Packs 0/1 uint32 flags three to a word in 10-bit fields, so one sum counts three."""
+    return [
+        sum(flag << (10 * k) for k, flag in enumerate(flags[i : i + 3]))
+        for i in range(0, len(flags), 3)
+    ]
+
+
+def _unpack(words: list[jax.Array], count: int) -> list[jax.Array]:
+    return [(words[i // 3] >> (10 * (i % 3))) & 1023 for i in range(count)]
+
+
+def _sum_all(operands: list[jax.Array], axis: int) -> list[jax.Array]:
+    """One variadic integer reduction: a single loop over the data, one accumulator per sum."""
+    zeros = [jnp.zeros((), x.dtype) for x in operands]
     return jax.lax.reduce(
-        operands, zeros, lambda a, b: [x + y for x, y in zip(a, b, strict=True)], (0,)
+        operands, zeros, lambda a, b: [x + y for x, y in zip(a, b, strict=True)], (axis,)
     )
+
+
+def _entry_terms(
+    w: jax.Array, u: jax.Array, g: jax.Array, valid: jax.Array | None, fmt: Any, s: jax.Array
+) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    """Per entry: the packed flags, |Q(w + u) - Q(w)| and |u| (zero where not ``valid``)."""
+    p = kernel_params(fmt)
+    inverse = 1 / s  # as quantize: x / scale is x * (1 / scale)
+    rounded_old = round_float32(w * inverse, p)
+    old, new = rounded_old * s, round_float32((w + u) * inverse, p) * s
+    flipped = new != old
+    counted = jnp.abs(g) > GRAD_THRESHOLD
+    magnitude = jnp.abs(u)
+    spacing = ulp(rounded_old, p) * s
+    at_least = [u != 0] + [magnitude >= edge * spacing for edge in HISTOGRAM_EDGES]
+    flags = [*at_least, flipped, counted, counted & ~flipped]
+    delta = jnp.abs(new - old)
+    if valid is not None:
+        flags = [flag & valid for flag in flags]
+        delta, magnitude = jnp.where(valid, delta, 0), jnp.where(valid, magnitude, 0)
+    return _pack([flag.astype(jnp.uint32) for flag in flags]), delta, magnitude
 
 
 def _leaf_stats(
@@ -179,46 +231,69 @@ def _leaf_stats(
     u: jax.Array,
     g: jax.Array,
     fmt: Any,
-    scale: float | str,
+    s: jax.Array,
+    valid: jax.Array | None = None,
+    entries: jax.Array | int | None = None,
 ) -> UpdateStats:
-    w32, u32 = jnp.asarray(w, jnp.float32), jnp.asarray(u, jnp.float32)
-    s = resolve_scale(scale, w32, fmt)
-    old, new = quantize(w32, fmt, s), quantize(w32 + u32, fmt, s)
-    flipped = new != old
-    counted = jnp.abs(g) > GRAD_THRESHOLD
-    magnitude = jnp.abs(u32)
-    spacing = ulp(old / s, fmt) * s
-    level = sum((magnitude >= edge * spacing).astype(jnp.uint8) for edge in HISTOGRAM_EDGES)
-    bins = jnp.where(u32 != 0, 1 + level, 0).astype(jnp.uint8)
-    # One byte per entry: histogram bin, flipped, counted; all counts come from it.
-    code = (bins << 2) | (flipped.astype(jnp.uint8) << 1) | counted.astype(jnp.uint8)
-    # Materialised once by a parallel elementwise loop; the counting loop below then only
-    # reads bytes instead of re-running the rounding kernels one element at a time.
-    code = jax.lax.optimization_barrier(code)
-    flags = [(code & 2) != 0, (code & 1) != 0, (code & 3) == 1]
-    flags += [code >= 4 * k for k in range(1, _NUM_BINS)]
-    n_flipped, n_counted, n_stalled, *at_least = _count_flags(flags)
-    entries = jnp.asarray(w.size, jnp.uint32)
-    cumulative = jnp.stack([entries, *at_least, jnp.uint32(0)])
-    return UpdateStats(
-        stalled=n_stalled,
-        counted=n_counted,
-        flipped=n_flipped,
-        moved=at_least[0],
-        entries=entries,
-        histogram=cumulative[:-1] - cumulative[1:],
-        landed=jnp.sum(jnp.abs(new - old)),
-        requested=jnp.sum(magnitude),
-    )
+    """Statistics of one leaf's entries (flattened; ``valid`` masks some out).
+
+    XLA's CPU backend runs a reduction whose input is computed on the fly as a sequential loop:
+    fine for integer adds, which it vectorises, slow for float adds, which it must not reorder.
+    So the flags are summed as integers, packed three to a word over rows of ``_ROW`` entries
+    (a parallel loop over rows, then a small sum), and the float sum of ``|Q(w + u) - Q(w)|`` is
+    a matrix-vector product, which materialises its input in a parallel loop first.
+    """
+    w, u, g = (jnp.ravel(x).astype(jnp.float32) for x in (w, u, g))
+    n = w.size
+    body = n - n % _ROW
+    num_flags = 3 + len(HISTOGRAM_EDGES) + 1
+    counts, landed = [jnp.uint32(0)] * num_flags, jnp.float32(0)
+    requested = jnp.float32(0)
+    for part, rows in ((slice(0, body), (-1, _ROW)), (slice(body, n), (1, n - body))):
+        if part.stop == part.start:
+            continue
+        shaped = [x[part].reshape(rows) for x in (w, u, g)]
+        mask = None if valid is None else valid[part].reshape(rows)
+        words, delta, magnitude = _entry_terms(*shaped, mask, fmt, s)
+        fields = _sum_all(_unpack(_sum_all(words, 1), num_flags), 0)
+        counts = [total + n_part for total, n_part in zip(counts, fields, strict=True)]
+        # One loop materialises both float terms; the product sums each row in parallel.
+        terms = jnp.stack([delta, magnitude], axis=1)
+        ones = jnp.ones((rows[1],), jnp.float32)
+        sums = jnp.dot(terms, ones, precision=jax.lax.Precision.HIGHEST)
+        landed += jnp.sum(sums[:, 0])
+        requested += jnp.sum(sums[:, 1])
+    moved, *at_least, flipped, counted, stalled = counts
+    entries = jnp.asarray(n if entries is None else entries, jnp.uint32)
+    cumulative = jnp.stack([entries, moved, *at_least, jnp.uint32(0)])
+    histogram = cumulative[:-1] - cumulative[1:]
+    counts = jnp.concatenate([jnp.stack([stalled, counted, flipped, moved, entries]), histogram])
+    return UpdateStats(counts, jnp.stack([landed, requested]))
 
 
-def _is_sampled_step(steps: ExactCount, every: int) -> jax.Array:
-    """Whether the exact step count is a multiple of ``every`` (< 2**16, so nothing overflows)."""
-    if every == 1:
-        return jnp.bool_(True)
+def _step_phase(steps: ExactCount, every: int) -> jax.Array:
+    """The exact step count modulo ``every`` (< 2**16, so nothing overflows), uint32."""
     e = jnp.uint32(every)
     wrap = jnp.uint32(2**32 % every)
-    return ((steps.high % e) * wrap + steps.low % e) % e == 0
+    return ((steps.high % e) * wrap + steps.low % e) % e
+
+
+def _block(x: jax.Array, phase: jax.Array, every: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Block ``phase`` of ``every`` contiguous blocks of flattened ``x``: (block, valid, count).
+
+    The blocks have ``ceil(n / every)`` entries; the last ones are shifted back to fit inside
+    ``x`` and ``valid`` masks the entries that belong to an earlier block, so over ``every``
+    consecutive phases each entry is measured exactly once.
+    """
+    flat = jnp.ravel(x)
+    n = flat.size
+    size = -(-n // every)
+    first = phase * jnp.uint32(size)
+    start = jnp.minimum(first, jnp.uint32(n - size))
+    block = jax.lax.dynamic_slice(flat, (start,), (size,))
+    valid = jnp.arange(size, dtype=jnp.uint32) + start >= first
+    count = jnp.where(first < n, jnp.minimum(jnp.uint32(n) - first, jnp.uint32(size)), 0)
+    return block, valid, count
 
 
 def monitor_stall(
@@ -241,10 +316,12 @@ def monitor_stall(
       scale: "amax" (the seed's current scaling, ``compute_scale(max|w|)``, as in
         :func:`tree_bit_stall`), "pow2" (the grid of :func:`low_precision_storage`) or a fixed
         positive float.
-      every: measure every ``every``-th step only (steps 0, every, 2 * every, ...), like a
-        logging interval: the statistics cost about two rounding passes per weight, which on a
-        CPU is as much as Adam's own arithmetic, and ``lax.cond`` skips them on other steps.
-        ``last`` then holds the latest measured step and ``total`` sums measured steps only.
+      every: measure each weight every ``every``-th step: each step looks at one contiguous
+        block of ``1/every`` of every leaf's entries, the next block on the next step, so the
+        cost per step drops by about ``every`` and every weight is still seen once per
+        ``every`` steps. ``last`` then holds the statistics of the block measured last (its
+        ``entries`` say how many) and ``total`` sums measured entries, so the rates are those
+        of a systematic sample. 1 (the default) measures every weight every step.
 
     Returns:
       A transformation with :class:`StallMonitorState`; read it with :func:`stall_stats`.
@@ -265,9 +342,8 @@ def monitor_stall(
                 continue
             if jnp.size(w) >= 2**32:
                 raise ValueError(f"a leaf of {jnp.size(w)} entries overflows the uint32 counts")
-            zero = jnp.zeros((), jnp.uint32)
             leaf_last.append(
-                UpdateStats(*[zero] * 5, jnp.zeros((_NUM_BINS,), jnp.uint32), *[jnp.float32(0)] * 2)
+                UpdateStats(jnp.zeros((_NUM_COUNTS,), jnp.uint32), jnp.zeros((2,), jnp.float32))
             )
             leaf_total.append(UpdateStats.zero())
         return StallMonitorState(
@@ -284,43 +360,41 @@ def monitor_stall(
             raise ValueError("monitor_stall needs params: update(updates, state, params)")
         new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         if every == 1:
-            # Computed once: otherwise every statistic re-runs the optimizer's arithmetic.
-            # (Operands of a cond are materialised anyway.)
+            # Computed once: otherwise the statistics re-run the optimizer's arithmetic. (With
+            # every > 1 only a block is read, and the barrier measured slower.)
             new_updates = jax.lax.optimization_barrier(new_updates)
         treedef = jax.tree_util.tree_structure(params)
-
-        def measure(operands):
-            params, new_updates, updates, old = operands  # old: the state without inner_state
-            update_leaves = treedef.flatten_up_to(new_updates)
-            grad_leaves = treedef.flatten_up_to(updates)
-            old_totals = treedef.flatten_up_to(old.leaf_total)
-            leaf_last, leaf_total = [], []
-            last = UpdateStats.zero(running=False)
-            for i, _, w, leaf_fmt in iter_leaves(fmt, params):
-                if leaf_fmt is None:
-                    leaf_last.append(None)
-                    leaf_total.append(None)
-                    continue
-                stats = _leaf_stats(w, update_leaves[i], grad_leaves[i], leaf_fmt, scale)
-                leaf_last.append(stats)
-                leaf_total.append(old_totals[i].accumulate(stats))
-                last = last.accumulate(stats)
-            return old._replace(
-                last=last,
-                total=old.total.accumulate(last),
-                leaf_last=treedef.unflatten(leaf_last),
-                leaf_total=treedef.unflatten(leaf_total),
-            )
-
-        # The inner state stays out of the cond: carried through it, it would be copied.
-        operands = (params, new_updates, updates, state._replace(inner_state=None))
-        if every == 1:
-            measured = measure(operands)
-        else:
-            measured = jax.lax.cond(
-                _is_sampled_step(state.steps, every), measure, lambda ops: ops[3], operands
-            )
-        return new_updates, measured._replace(inner_state=inner_state, steps=state.steps.add(1))
+        update_leaves = treedef.flatten_up_to(new_updates)
+        grad_leaves = treedef.flatten_up_to(updates)
+        old_totals = treedef.flatten_up_to(state.leaf_total)
+        phase = None if every == 1 else _step_phase(state.steps, every)
+        leaf_last, leaf_total = [], []
+        last = UpdateStats.zero(running=False)
+        for i, _, w, leaf_fmt in iter_leaves(fmt, params):
+            if leaf_fmt is None:
+                leaf_last.append(None)
+                leaf_total.append(None)
+                continue
+            w32 = jnp.asarray(w, jnp.float32)
+            s = jnp.asarray(resolve_scale(scale, w32, leaf_fmt), jnp.float32)
+            leaf = (w32, update_leaves[i], grad_leaves[i])
+            if phase is None:
+                stats = _leaf_stats(*leaf, leaf_fmt, s)
+            else:
+                blocks = [_block(x, phase, every) for x in leaf]
+                _, valid, count = blocks[0]
+                stats = _leaf_stats(*(b[0] for b in blocks), leaf_fmt, s, valid, count)
+            leaf_last.append(stats)
+            leaf_total.append(old_totals[i].accumulate(stats))
+            last = last.accumulate(stats)
+        return new_updates, StallMonitorState(
+            inner_state=inner_state,
+            steps=state.steps.add(1),
+            last=last,
+            total=state.total.accumulate(last),
+            leaf_last=treedef.unflatten(leaf_last),
+            leaf_total=treedef.unflatten(leaf_total),
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -6,9 +6,21 @@ import numpy as np
 import optax
 import pytest
 
-from altgrad_jax import E3M4, E5M2, E7M0, compute_scale, detect_bit_stall, tree_bit_stall
+from altgrad_jax import (
+    BF16,
+    E3M4,
+    E4M3,
+    E5M2,
+    E7M0,
+    compute_scale,
+    detect_bit_stall,
+    quantize,
+    tree_bit_stall,
+    ulp,
+)
 from altgrad_jax.formats import format_params, grid, stack_format_params
 from altgrad_jax.optim import (
+    HISTOGRAM_EDGES,
     HISTOGRAM_LABELS,
     LowPrecisionState,
     StallMonitorState,
@@ -72,6 +84,39 @@ def test_stats_equal_core_detectors_and_updates_unchanged(name):
         assert int(stats.leaf_last["dense"]["kernel"].counted) == int(total)
 
 
+def _direct_stats(w, u, g, fmt, s):
+    """Every statistic of one leaf from quantize and ulp, elementwise, in numpy."""
+    old, new = quantize(w, fmt, s), quantize(w + u, fmt, s)
+    spacing = np.asarray(ulp(quantize(w * (1 / jnp.float32(s)), fmt), fmt)) * np.float32(s)
+    w, u, g, old, new = map(np.asarray, (w, u, g, old, new))
+    flipped, counted = new != old, np.abs(g) > 1e-10
+    level = sum(np.abs(u) >= edge * spacing for edge in HISTOGRAM_EDGES)
+    bins = np.where(u != 0, 1 + level, 0)
+    counts = [np.sum(counted & ~flipped), np.sum(counted), np.sum(flipped), np.sum(u != 0), u.size]
+    histogram = np.bincount(bins, minlength=len(HISTOGRAM_LABELS))
+    return counts, histogram, np.sum(np.abs(new - old)), np.sum(np.abs(u))
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2, E7M0, BF16])
+@pytest.mark.parametrize("size", [7, 512, 1000, 2048 + 5])
+@pytest.mark.parametrize("scale", ["amax", 0.37])
+def test_every_statistic_matches_a_direct_computation(fmt, size, scale):
+    keys = jax.random.split(jax.random.key(size), 3)
+    w = jax.random.normal(keys[0], (size,)) * 3
+    u = jax.random.normal(keys[1], (size,)) * jnp.where(jnp.arange(size) % 5 == 0, 0.0, 0.05)
+    g = jax.random.normal(keys[2], (size,)).at[::7].set(0.0)
+    opt = monitor_stall(optax.stateless(lambda updates, params: {"w": u}), fmt, scale=scale)
+    _, state = jax.jit(opt.update)({"w": g}, opt.init({"w": w}), {"w": w})
+    leaf = stall_stats(state).leaf_last["w"]
+    s = compute_scale(jnp.max(jnp.abs(w)), fmt) if scale == "amax" else scale
+    counts, histogram, landed, requested = _direct_stats(w, u, g, fmt, s)
+    names = ("stalled", "counted", "flipped", "moved", "entries")
+    assert [int(getattr(leaf, name)) for name in names] == [int(c) for c in counts]
+    np.testing.assert_array_equal(np.asarray(leaf.histogram), histogram)
+    np.testing.assert_allclose(float(leaf.landed), landed, rtol=1e-5)
+    np.testing.assert_allclose(float(leaf.requested), requested, rtol=1e-5)
+
+
 def _seed_stall_rate(fmt):
     w = jax.random.normal(jax.random.key(1), (20000,))
     g = jax.random.normal(jax.random.key(2), (20000,))
@@ -112,8 +157,9 @@ def test_flip_metrics_on_hand_built_numbers():
 def test_running_totals_are_exact_past_2_to_32():
     opt = monitor_stall(optax.sgd(0.01), E5M2)
     state = opt.init(PARAMS)
-    near = ExactCount(jnp.uint32(0), jnp.uint32(2**32 - 3))
-    state = state._replace(total=state.total._replace(counted=near, entries=near))
+    counts = state.total.counts
+    near = counts.replace(low=counts.low.at[jnp.array([1, 4])].set(2**32 - 3))  # counted, entries
+    state = state._replace(total=state.total._replace(counts=near))
     _, state = jax.jit(opt.update)(GRADS, state, PARAMS)
     assert int(state.total.counted) == 2**32 - 3 + 32 * 16 + 15
     assert int(state.total.entries) == 2**32 - 3 + 32 * 16 + 16
@@ -249,30 +295,47 @@ def test_vmap_over_formats_gives_each_format_its_own_stats():
         assert rate == float(stall_rate(fmt))
 
 
-def test_every_k_steps_measures_only_sampled_steps():
+@pytest.mark.parametrize("every", [3, 5, 40])
+def test_every_k_steps_measures_each_entry_once_per_k_steps(every):
+    """Blocks of 1/every of each leaf rotate: k steps of one update add up to one dense step."""
+    params = {**_float_part(PARAMS), "tiny": jnp.array([0.5, -1.0, 2.0])}
+    grads = {**_float_part(GRADS), "tiny": jnp.array([1.0, 1e-12, -3.0])}
     dense = monitor_stall(optax.sgd(0.01), E5M2)
+    sampled = monitor_stall(optax.sgd(0.01), E5M2, every=every)
+    _, dense_state = jax.jit(dense.update)(grads, dense.init(params), params)
+    update = jax.jit(sampled.update)
+    state = sampled.init(params)
+    entries = []
+    for _ in range(every):
+        _, state = update(grads, state, params)
+        leaves = stall_stats(state).leaf_last
+        entries.append([int(leaves["dense"]["kernel"].entries), int(leaves["tiny"].entries)])
+
+    def block_sizes(n):
+        size = -(-n // every)
+        return [max(0, min(size, n - i * size)) for i in range(every)]
+
+    assert [e[0] for e in entries] == block_sizes(512)
+    assert [e[1] for e in entries] == block_sizes(3)
+    expected, got = stall_stats(dense_state).last, stall_stats(state).total
+    for field in ("stalled", "counted", "flipped", "moved", "entries"):
+        assert int(getattr(got, field)) == int(getattr(expected, field)), field
+    np.testing.assert_array_equal(np.asarray(got.histogram.low), np.asarray(expected.histogram.low))
+    np.testing.assert_allclose(float(got.landed), float(expected.landed), rtol=1e-6)
+    np.testing.assert_allclose(float(got.requested), float(expected.requested), rtol=1e-6)
+    # The next step starts the cycle again at the first block.
+    _, state = update(grads, state, params)
+    assert int(stall_stats(state).leaf_last["dense"]["kernel"].entries) == block_sizes(512)[0]
+
+
+def test_every_k_phase_is_exact_past_2_to_32_steps():
     sampled = monitor_stall(optax.sgd(0.01), E5M2, every=3)
-    dense_state, sampled_state = dense.init(PARAMS), sampled.init(PARAMS)
-    update_dense, update_sampled = jax.jit(dense.update), jax.jit(sampled.update)
-    for step in range(7):
-        grads = jax.tree.map(lambda g, step=step: g * (step + 1), GRADS)
-        before = stall_stats(sampled_state)
-        _, dense_state = update_dense(grads, dense_state, PARAMS)
-        _, sampled_state = update_sampled(grads, sampled_state, PARAMS)
-        after = stall_stats(sampled_state)
-        assert int(after.steps) == step + 1
-        if step % 3 == 0:
-            for a, b in zip(
-                jax.tree.leaves(after.last),
-                jax.tree.leaves(stall_stats(dense_state).last),
-                strict=True,
-            ):
-                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        else:
-            for a, b in zip(jax.tree.leaves(after[2:]), jax.tree.leaves(before[2:]), strict=True):
-                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # three measured steps (0, 3, 6) of 512 + 15 counted entries each
-    assert int(stall_stats(sampled_state).total.counted) == 3 * (512 + 15)
+    state = sampled.init(PARAMS)
+    # 2**32 + 2 = 3 * 1431655766: a multiple of 3, so the first block is measured.
+    state = state._replace(steps=ExactCount(jnp.uint32(1), jnp.uint32(2)))
+    _, state = jax.jit(sampled.update)(GRADS, state, PARAMS)
+    bias = stall_stats(state).leaf_last["dense"]["bias"]
+    assert int(bias.entries) == 6 and int(bias.counted) == 5  # GRADS' bias[0] is 0
 
 
 @pytest.mark.parametrize("every", [0, -2, 2**16, 1.5, True])
