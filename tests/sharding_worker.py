@@ -2,7 +2,8 @@
 
 Trains a quantized Linen MLP for a few steps on one device, data-parallel over 8 devices and
 data x model parallel over a 2 x 4 mesh, and checks that the numbers agree and that the amax
-recorded under sharding is the global one. Prints OK on success.
+recorded under sharding is the global one; then runs monitored Adam into stochastic storage on
+the model-sharded weights. Prints OK on success.
 """
 
 import os
@@ -13,11 +14,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from altgrad_jax.config import QuantConfig, TensorQuant
 from altgrad_jax.linen import QUANT_STATE, QuantDense, quant_value_and_grad
+from altgrad_jax.optim import apply_updates, low_precision_storage, monitor_stall, stall_stats
 
 CONFIG = QuantConfig(output_grads=TensorQuant("E5M2", scaling="delayed"))
 
@@ -51,6 +54,39 @@ def run(variables, batches, put_params=lambda t: t, put_batch=lambda t: t):
         params, state, loss = train_step(params, state, put_batch(x), put_batch(y))
         losses.append(loss)
     return params, state, losses
+
+
+def optimizer_run(params, grads, every):
+    """Three steps of monitored Adam into stochastic E5M2 storage; the params and the monitor."""
+    opt = optax.chain(
+        monitor_stall(optax.adam(0.05), "e5m2", every=every),
+        low_precision_storage("e5m2", "stochastic"),
+    )
+
+    @jax.jit
+    def step(params, state):
+        updates, state = opt.update(grads, state, params)
+        return apply_updates(params, updates, state), state
+
+    state = opt.init(params)
+    for _ in range(3):
+        params, state = step(params, state)
+    return params, stall_stats(state)
+
+
+def check_optimizer(variables, put_params):
+    """Sharded weights give the same stored weights and the same stall counts, bit for bit."""
+    params = variables["params"]
+    grads = jax.tree.map(
+        lambda p: jnp.cos(jnp.arange(p.size, dtype=jnp.float32)).reshape(p.shape), params
+    )
+    for every in (1, 3):
+        reference = optimizer_run(params, grads, every)
+        sharded = optimizer_run(put_params(params), put_params(grads), every)
+        assert len(sharded[0]["hidden"]["kernel"].sharding.device_set) == 8
+        jax.tree.map(np.testing.assert_array_equal, sharded[0], reference[0])
+        np.testing.assert_array_equal(sharded[1].total.counts.low, reference[1].total.counts.low)
+        np.testing.assert_allclose(sharded[1].total.landed, reference[1].total.landed, rtol=1e-6)
 
 
 def main():
@@ -103,6 +139,7 @@ def main():
         recorded = state["hidden"]["QuantDotGeneral_0"]["inputs"].history[:3]
         expected = [float(jnp.max(jnp.abs(x))) for x, _ in batches[::-1]]
         np.testing.assert_array_equal(recorded, np.float32(expected), err_msg=name)
+    check_optimizer(variables, put_params)
     print("OK")
 
 
