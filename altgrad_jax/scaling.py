@@ -72,7 +72,7 @@ class AmaxHistory:
         x = jnp.asarray(x)
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"AmaxHistory.update takes floating-point input, got {x.dtype}")
-        amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+        amax = jnp.max(jnp.abs(x), initial=0.0).astype(jnp.float32)
         return self.record(amax)
 
     def record(self, amax: jax.Array) -> AmaxHistory:

@@ -210,7 +210,7 @@ def tree_bit_stall(
         u = jnp.asarray(u).astype(w.dtype)
         counted = jnp.abs(g) > GRAD_THRESHOLD if g is not None else u != 0
         if s is None:
-            s = compute_scale(jnp.max(jnp.abs(w)), leaf_fmt)
+            s = compute_scale(jnp.max(jnp.abs(w), initial=0.0), leaf_fmt)
         stalled = _stall_mask(w, w + u, counted, leaf_fmt, s)
         leaf_stall = jnp.sum(stalled, dtype=jnp.uint32)
         leaf_total = jnp.sum(counted, dtype=jnp.uint32)

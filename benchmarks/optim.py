@@ -3,7 +3,7 @@
 Times ``update + apply`` on a ~10M-parameter MLP for plain Adam, Adam wrapped in
 ``monitor_stall`` (every step, and each weight every 10th or 16th step) and Adam followed by
 ``low_precision_storage`` in each mode; then the monitor inside a whole train step (forward and
-backward on a batch of 64). Candidates are interleaved (ten steps of each per repetition) so
+backward on a batch of 256). Candidates are interleaved (ten steps of each per repetition) so
 drift in machine load hits all alike; the tables show medians and ratios to the first row.
 Prints only, asserts nothing.
 
@@ -105,7 +105,7 @@ def main() -> None:
 
     params = make_params(width)
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape) * 1e-3, params)
-    inputs = jax.random.normal(jax.random.key(2), (64, width // 2))
+    inputs = jax.random.normal(jax.random.key(2), (256, width // 2))
     n = sum(p.size for p in jax.tree.leaves(params))
     adam = optax.adam(1e-3)
     monitored = {
@@ -120,7 +120,7 @@ def main() -> None:
     }
     print(f"{n / 1e6:.1f}M parameters, {reps} interleaved repetitions, {jax.devices()[0]}")
     print_table("optimizer step", time_steps({**monitored, **stored}, params, grads, reps))
-    print_table("train step, batch 64", time_steps(monitored, params, grads, reps, inputs=inputs))
+    print_table("train step, batch 256", time_steps(monitored, params, grads, reps, inputs=inputs))
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def resolve_scale(scale: float | str, x: jax.Array, fmt: LeafFormat) -> jax.Arra
     """The quantization scale of ``x``: fixed, :func:`pow2_scale` or the seed's amax scaling."""
     if not isinstance(scale, str):
         return scale
-    amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), initial=0.0).astype(jnp.float32)
     return pow2_scale(amax, fmt) if scale == "pow2" else compute_scale(amax, fmt)
 
 

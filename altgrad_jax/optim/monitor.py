@@ -359,10 +359,6 @@ def monitor_stall(
         if params is None:
             raise ValueError("monitor_stall needs params: update(updates, state, params)")
         new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-        if every == 1:
-            # Computed once: otherwise the statistics re-run the optimizer's arithmetic. (With
-            # every > 1 only a block is read, and the barrier measured slower.)
-            new_updates = jax.lax.optimization_barrier(new_updates)
         treedef = jax.tree_util.tree_structure(params)
         update_leaves = treedef.flatten_up_to(new_updates)
         grad_leaves = treedef.flatten_up_to(updates)

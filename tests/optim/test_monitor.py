@@ -342,3 +342,16 @@ def test_every_k_phase_is_exact_past_2_to_32_steps():
 def test_every_must_be_a_small_positive_int(every):
     with pytest.raises(ValueError, match="every"):
         monitor_stall(optax.sgd(0.1), E5M2, every=every)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_empty_and_scalar_leaves(every):
+    params = {"empty": jnp.zeros((0, 3)), "scalar": jnp.float32(1.5), "vector": jnp.ones(5)}
+    grads = jax.tree.map(lambda p: p + 0.3, params)
+    opt = monitor_stall(optax.sgd(0.1), E5M2, every=every)
+    state = opt.init(params)
+    for _ in range(3):
+        _, state = jax.jit(opt.update)(grads, state, params)
+    stats = stall_stats(state)
+    assert int(stats.leaf_total["empty"].entries) == 0
+    assert int(stats.total.entries) == int(stats.total.counted) == 6 * 3 // every

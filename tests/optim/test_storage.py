@@ -257,3 +257,15 @@ def test_bfloat16_params_stay_on_grid_with_the_companion(rule):
         params = apply_updates(params, updates, state)
         assert params["w"].dtype == jnp.bfloat16
         assert _on_grid(params["w"], E5M2, state[1].scale["w"])
+
+
+@pytest.mark.parametrize("rule", STORAGE_RULES)
+def test_empty_and_scalar_leaves_are_stored(rule):
+    params = {"empty": jnp.zeros((0, 3)), "scalar": jnp.float32(1.5)}
+    opt = optax.chain(optax.sgd(0.1), low_precision_storage(E5M2, rule))
+    state = opt.init(params)
+    updates, state = jax.jit(opt.update)({"empty": params["empty"], "scalar": 1.0}, state, params)
+    stored = apply_updates(params, updates, state)
+    assert stored["empty"].shape == (0, 3)
+    # 1.4 lies between the grid values 1.25 and 1.5 of this scale; only stochastic may go down.
+    assert float(stored["scalar"]) in ((1.25, 1.5) if rule == "stochastic" else (1.5,))
