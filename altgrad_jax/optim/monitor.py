@@ -318,10 +318,11 @@ def monitor_stall(
         positive float.
       every: measure each weight every ``every``-th step: each step looks at one contiguous
         block of ``1/every`` of every leaf's entries, the next block on the next step, so the
-        cost per step drops by about ``every`` and every weight is still seen once per
-        ``every`` steps. ``last`` then holds the statistics of the block measured last (its
-        ``entries`` say how many) and ``total`` sums measured entries, so the rates are those
-        of a systematic sample. 1 (the default) measures every weight every step.
+        rounding work per step drops by ``every`` (the leaf's amax, for "amax" and "pow2",
+        is still read in full) and every weight is still seen once per ``every`` steps.
+        ``last`` then holds the statistics of the block measured last (its ``entries`` say
+        how many) and ``total`` sums measured entries, so the rates are those of a systematic
+        sample. 1 (the default) measures every weight every step.
 
     Returns:
       A transformation with :class:`StallMonitorState`; read it with :func:`stall_stats`.
