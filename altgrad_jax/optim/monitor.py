@@ -240,8 +240,9 @@ def _leaf_stats(
     XLA's CPU backend runs a reduction whose input is computed on the fly as a sequential loop:
     fine for integer adds, which it vectorises, slow for float adds, which it must not reorder.
     So the flags are summed as integers, packed three to a word over rows of ``_ROW`` entries
-    (a parallel loop over rows, then a small sum), and the float sum of ``|Q(w + u) - Q(w)|`` is
-    a matrix-vector product, which materialises its input in a parallel loop first.
+    (a parallel loop over rows, then a small sum), and the float sums are matrix-vector
+    products, whose inputs are materialised by parallel loops first (HIGHEST precision, so no
+    TF32 on GPUs).
     """
     w, u, g = (jnp.ravel(x).astype(jnp.float32) for x in (w, u, g))
     n = w.size
@@ -257,12 +258,9 @@ def _leaf_stats(
         words, delta, magnitude = _entry_terms(*shaped, mask, fmt, s)
         fields = _sum_all(_unpack(_sum_all(words, 1), num_flags), 0)
         counts = [total + n_part for total, n_part in zip(counts, fields, strict=True)]
-        # One loop materialises both float terms; the product sums each row in parallel.
-        terms = jnp.stack([delta, magnitude], axis=1)
         ones = jnp.ones((rows[1],), jnp.float32)
-        sums = jnp.dot(terms, ones, precision=jax.lax.Precision.HIGHEST)
-        landed += jnp.sum(sums[:, 0])
-        requested += jnp.sum(sums[:, 1])
+        landed += jnp.sum(jnp.dot(delta, ones, precision=jax.lax.Precision.HIGHEST))
+        requested += jnp.sum(jnp.dot(magnitude, ones, precision=jax.lax.Precision.HIGHEST))
     moved, *at_least, flipped, counted, stalled = counts
     entries = jnp.asarray(n if entries is None else entries, jnp.uint32)
     cumulative = jnp.stack([entries, moved, *at_least, jnp.uint32(0)])
