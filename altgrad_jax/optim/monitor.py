@@ -247,9 +247,9 @@ def _leaf_stats(
     w, u, g = (jnp.ravel(x).astype(jnp.float32) for x in (w, u, g))
     n = w.size
     body = n - n % _ROW
-    num_flags = 3 + len(HISTOGRAM_EDGES) + 1
-    counts, landed = [jnp.uint32(0)] * num_flags, jnp.float32(0)
-    requested = jnp.float32(0)
+    num_flags = 1 + len(HISTOGRAM_EDGES) + 3  # moved, |u| past each edge, flipped, counted, stalled
+    counts = [jnp.uint32(0)] * num_flags
+    landed = requested = jnp.float32(0)
     for part, rows in ((slice(0, body), (-1, _ROW)), (slice(body, n), (1, n - body))):
         if part.stop == part.start:
             continue
