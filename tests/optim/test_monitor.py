@@ -98,23 +98,29 @@ def _direct_stats(w, u, g, fmt, s):
 
 
 @pytest.mark.parametrize("fmt", [E4M3, E5M2, E7M0, BF16])
-@pytest.mark.parametrize("size", [7, 512, 1000, 2048 + 5])
 @pytest.mark.parametrize("scale", ["amax", 0.37])
-def test_every_statistic_matches_a_direct_computation(fmt, size, scale):
-    keys = jax.random.split(jax.random.key(size), 3)
-    w = jax.random.normal(keys[0], (size,)) * 3
-    u = jax.random.normal(keys[1], (size,)) * jnp.where(jnp.arange(size) % 5 == 0, 0.0, 0.05)
-    g = jax.random.normal(keys[2], (size,)).at[::7].set(0.0)
-    opt = monitor_stall(optax.stateless(lambda updates, params: {"w": u}), fmt, scale=scale)
-    _, state = jax.jit(opt.update)({"w": g}, opt.init({"w": w}), {"w": w})
-    leaf = stall_stats(state).leaf_last["w"]
-    s = compute_scale(jnp.max(jnp.abs(w)), fmt) if scale == "amax" else scale
-    counts, histogram, landed, requested = _direct_stats(w, u, g, fmt, s)
-    names = ("stalled", "counted", "flipped", "moved", "entries")
-    assert [int(getattr(leaf, name)) for name in names] == [int(c) for c in counts]
-    np.testing.assert_array_equal(np.asarray(leaf.histogram), histogram)
-    np.testing.assert_allclose(float(leaf.landed), landed, rtol=1e-5)
-    np.testing.assert_allclose(float(leaf.requested), requested, rtol=1e-5)
+def test_every_statistic_matches_a_direct_computation(fmt, scale):
+    """Leaves shorter than a row of the packed counts, exactly rows, and rows plus a tail."""
+    sizes = {"short": 7, "rows": 1024, "tail": 2048 + 5}
+    keys = dict(zip(sizes, jax.random.split(jax.random.key(0), 3), strict=True))
+    w, u, g = {}, {}, {}
+    for name, size in sizes.items():
+        k = jax.random.split(keys[name], 3)
+        w[name] = jax.random.normal(k[0], (size,)) * 3
+        every_fifth = jnp.where(jnp.arange(size) % 5 == 0, 0.0, 0.05)
+        u[name] = jax.random.normal(k[1], (size,)) * every_fifth
+        g[name] = jax.random.normal(k[2], (size,)).at[::7].set(0.0)
+    opt = monitor_stall(optax.stateless(lambda updates, params: u), fmt, scale=scale)
+    _, state = jax.jit(opt.update)(g, opt.init(w), w)
+    for name in sizes:
+        leaf = stall_stats(state).leaf_last[name]
+        s = compute_scale(jnp.max(jnp.abs(w[name])), fmt) if scale == "amax" else scale
+        counts, histogram, landed, requested = _direct_stats(w[name], u[name], g[name], fmt, s)
+        fields = ("stalled", "counted", "flipped", "moved", "entries")
+        assert [int(getattr(leaf, f)) for f in fields] == [int(c) for c in counts], name
+        np.testing.assert_array_equal(np.asarray(leaf.histogram), histogram)
+        np.testing.assert_allclose(float(leaf.landed), landed, rtol=1e-5)
+        np.testing.assert_allclose(float(leaf.requested), requested, rtol=1e-5)
 
 
 def _seed_stall_rate(fmt):
