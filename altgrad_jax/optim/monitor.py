@@ -61,10 +61,7 @@ HISTOGRAM_LABELS: tuple[str, ...] = (
     ">=4",
 )
 _NUM_BINS = len(HISTOGRAM_LABELS)
-
-
-_COUNT_NAMES: tuple[str, ...] = ("stalled", "counted", "flipped", "moved", "entries")
-_NUM_COUNTS = len(_COUNT_NAMES) + _NUM_BINS
+_NUM_COUNTS = 5 + _NUM_BINS  # stalled, counted, flipped, moved, entries, then the histogram
 
 
 def _as_float(value: Any) -> jax.Array:
