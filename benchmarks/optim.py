@@ -28,12 +28,13 @@ from altgrad_jax.optim import STORAGE_RULES, apply_updates, low_precision_storag
 def make_params(width: int) -> dict[str, jax.Array]:
     """An MLP: an input projection, then four layers width -> 2*width -> width -> ..."""
     keys = jax.random.split(jax.random.key(0), 6)
+    shapes = [(width, 2 * width), (2 * width, width)] * 2
     params = {
         f"layer_{i}": {
-            "kernel": jax.random.normal(keys[i], (width, 2 * width)[:: 1 - 2 * (i % 2)]) * 0.02,
-            "bias": jnp.zeros(((2 * width, width)[i % 2],)),
+            "kernel": jax.random.normal(keys[i], shape) * 0.02,
+            "bias": jnp.zeros((shape[1],)),
         }
-        for i in range(4)
+        for i, shape in enumerate(shapes)
     }
     params["embed"] = jax.random.normal(keys[5], (width // 2, width)) * 0.02
     return params
