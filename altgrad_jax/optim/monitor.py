@@ -273,22 +273,24 @@ def _step_phase(steps: ExactCount, every: int) -> jax.Array:
     return ((steps.high % e) * wrap + steps.low % e) % e
 
 
-def _block(x: jax.Array, phase: jax.Array, every: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Block ``phase`` of ``every`` contiguous blocks of flattened ``x``: (block, valid, count).
+def _block(
+    arrays: tuple[jax.Array, ...], phase: jax.Array, every: int
+) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    """Block ``phase`` of ``every`` contiguous blocks of same-size flattened arrays.
 
-    The blocks have ``ceil(n / every)`` entries; the last ones are shifted back to fit inside
-    ``x`` and ``valid`` masks the entries that belong to an earlier block, so over ``every``
-    consecutive phases each entry is measured exactly once.
+    Returns the blocks, the mask of entries that belong to this block, and their count. The
+    blocks have ``ceil(n / every)`` entries; the last ones are shifted back to fit inside the
+    arrays and the mask drops the entries of an earlier block, so over ``every`` consecutive
+    phases each entry is measured exactly once.
     """
-    flat = jnp.ravel(x)
-    n = flat.size
+    n = arrays[0].size
     size = -(-n // every)
     first = phase * jnp.uint32(size)
     start = jnp.minimum(first, jnp.uint32(n - size))
-    block = jax.lax.dynamic_slice(flat, (start,), (size,))
+    blocks = [jax.lax.dynamic_slice(jnp.ravel(x), (start,), (size,)) for x in arrays]
     valid = jnp.arange(size, dtype=jnp.uint32) + start >= first
     count = jnp.where(first < n, jnp.minimum(jnp.uint32(n) - first, jnp.uint32(size)), 0)
-    return block, valid, count
+    return blocks, valid, count
 
 
 def monitor_stall(
@@ -373,9 +375,8 @@ def monitor_stall(
             if phase is None:
                 stats = _leaf_stats(*leaf, leaf_fmt, s)
             else:
-                blocks = [_block(x, phase, every) for x in leaf]
-                _, valid, count = blocks[0]
-                stats = _leaf_stats(*(b[0] for b in blocks), leaf_fmt, s, valid, count)
+                blocks, valid, count = _block(leaf, phase, every)
+                stats = _leaf_stats(*blocks, leaf_fmt, s, valid, count)
             leaf_last.append(stats)
             leaf_total.append(old_totals[i].accumulate(stats))
             last = last.accumulate(stats)
