@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import count_compiles
 
 from altgrad_jax import (
     BF16,
@@ -309,7 +310,8 @@ def test_every_k_steps_measures_each_entry_once_per_k_steps(every):
     dense = monitor_stall(optax.sgd(0.01), E5M2)
     sampled = monitor_stall(optax.sgd(0.01), E5M2, every=every)
     _, dense_state = jax.jit(dense.update)(grads, dense.init(params), params)
-    update = jax.jit(sampled.update)
+    traced = count_compiles(sampled.update)
+    update = jax.jit(traced)
     state = sampled.init(params)
     entries = []
     for _ in range(every):
@@ -332,6 +334,7 @@ def test_every_k_steps_measures_each_entry_once_per_k_steps(every):
     # The next step starts the cycle again at the first block.
     _, state = update(grads, state, params)
     assert int(stall_stats(state).leaf_last["dense"]["kernel"].entries) == block_sizes(512)[0]
+    assert traced.traces == 1
 
 
 def test_every_k_phase_is_exact_past_2_to_32_steps():
