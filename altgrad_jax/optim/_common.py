@@ -91,18 +91,21 @@ def max_value(fmt: LeafFormat) -> jax.Array:
 
 
 def pow2_scale(amax: jax.Array, fmt: LeafFormat) -> jax.Array:
-    """The smallest power of two ``s`` with ``amax / s <= max_value`` (1.0 for zero or non-finite).
+    """The smallest power of two ``s`` with ``amax / s <= max_value``.
 
     Weights stored at this scale never saturate, a power of two rescales them exactly, and the
     scale is a function of the weights alone, so the storage, the monitor and the ULP-aware
-    transforms agree on the grid without sharing state.
+    transforms agree on the grid without sharing state. A zero (or non-finite) amax has no
+    range to fit and falls back to a unit one, ``amax = 1``: formats that differ only by a power
+    of two (E1M6 and E0M7) then keep the same grid even for all-zero tensors.
     """
     amax = jnp.asarray(amax, jnp.float32)
     ratio = amax / max_value(fmt)
+    usable = (ratio > 0) & jnp.isfinite(ratio)
+    ratio = jnp.where(usable, ratio, 1 / max_value(fmt))
     mantissa, exponent = jnp.frexp(ratio)
     ceil_log2 = jnp.where(mantissa == 0.5, exponent - 1, exponent)
-    usable = (ratio > 0) & jnp.isfinite(ratio)
-    return jnp.where(usable, power_of_two(jnp.clip(ceil_log2, -126, 127)), jnp.float32(1.0))
+    return power_of_two(jnp.clip(ceil_log2, -126, 127))
 
 
 def resolve_scale(scale: float | str, x: jax.Array, fmt: LeafFormat) -> jax.Array | float:

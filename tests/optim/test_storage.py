@@ -13,6 +13,7 @@ from altgrad_jax.optim import (
     apply_updates,
     low_precision_storage,
     pow2_scale,
+    scale_by_ulp,
 )
 from altgrad_jax.rules import PathRules
 
@@ -115,8 +116,18 @@ def test_seed_rescaling_drifts_but_pow2_scale_does_not():
 def test_pow2_scale_is_the_smallest_fitting_power_of_two():
     amax = jnp.array([448.0, 449.0, 896.0, 1.0, 0.0, 1e-30], jnp.float32)
     scales = np.asarray(jax.vmap(lambda a: pow2_scale(a, E4M3))(amax))
-    np.testing.assert_array_equal(scales[:5], [1.0, 2.0, 2.0, 2.0**-8, 1.0])
+    # Zero amax falls back to a unit range: 1 / 2**-8 = 256 <= 448 < 512.
+    np.testing.assert_array_equal(scales[:5], [1.0, 2.0, 2.0, 2.0**-8, 2.0**-8])
     assert scales[5] == 2.0 ** np.ceil(np.log2(1e-30 / 448.0))
+
+
+def test_formats_a_power_of_two_apart_share_the_grid_of_zero_tensors():
+    """E1M6 is E0M7 scaled by 4: one ULP step from an all-zero tensor is the same in both."""
+    zeros = {"bias": jnp.zeros((3,))}
+    ones = {"bias": jnp.ones((3,))}
+    steps = [scale_by_ulp(f).update(ones, None, zeros)[0]["bias"] for f in ("E1M6", "E0M7")]
+    np.testing.assert_array_equal(steps[0], steps[1])
+    np.testing.assert_array_equal(steps[0], 2.0**-6)  # the quantum on the unit range
 
 
 # ---------------------------------------------------------------- constant tiny gradient
