@@ -1,7 +1,9 @@
 """altgrad_jax: simulated low-bit floating-point training in JAX, and why formats fail.
 
 Layers (each imports only from those above it): ``formats`` -> ``bits`` -> ``quantize`` ->
-``scaling`` -> ``stall``.
+``scaling`` -> ``rules`` -> ``stall``. The core imports neither Flax nor optax; the Flax layers
+live in :mod:`altgrad_jax.linen` / :mod:`altgrad_jax.nnx`, the optax transforms in
+:mod:`altgrad_jax.optim`.
 """
 
 from altgrad_jax.bits import ROUNDING_MODES, from_bits, round_float32, to_bits, ulp
@@ -22,7 +24,9 @@ from altgrad_jax.formats import (
     EIGHT_BIT_FORMATS,
     FP16,
     FloatFormat,
+    FormatLike,
     FormatParams,
+    as_params,
     format_params,
     format_table,
     get_format,
@@ -32,6 +36,7 @@ from altgrad_jax.formats import (
     stack_format_params,
 )
 from altgrad_jax.quantize import quantize, random_bits
+from altgrad_jax.rules import FormatSpec, PathRules, leaf_format, path_str
 from altgrad_jax.scaling import AmaxHistory, compute_scale, scale_and_update
 from altgrad_jax.stall import (
     BitStallDetector,
@@ -64,8 +69,12 @@ __all__ = [
     "BitStallDetector",
     "ExactCount",
     "FloatFormat",
+    "FormatLike",
     "FormatParams",
+    "FormatSpec",
+    "PathRules",
     "StallStats",
+    "as_params",
     "compute_scale",
     "detect_bit_stall",
     "format_params",
@@ -73,7 +82,9 @@ __all__ = [
     "from_bits",
     "get_format",
     "grid",
+    "leaf_format",
     "list_formats",
+    "path_str",
     "quantize",
     "random_bits",
     "register_format",

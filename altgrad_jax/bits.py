@@ -22,7 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from altgrad_jax.formats import FloatFormat, FormatParams, format_params, get_format
+from altgrad_jax._checks import check_choice, choices_of
+from altgrad_jax.formats import (
+    FloatFormat,
+    FormatLike,
+    FormatParams,
+    as_params,
+    format_params,
+    get_format,
+)
 
 __all__ = [
     "ROUNDING_MODES",
@@ -35,7 +43,7 @@ __all__ = [
 ]
 
 Rounding = Literal["nearest", "stochastic", "toward_zero"]
-ROUNDING_MODES: tuple[str, ...] = ("nearest", "stochastic", "toward_zero")
+ROUNDING_MODES: tuple[str, ...] = choices_of(Rounding)
 
 _U32 = jnp.uint32
 _SIGN = 0x80000000
@@ -97,7 +105,7 @@ def round_float32(
     elif rounding == "toward_zero":
         increment = _U32(0)
     else:
-        raise ValueError(f"unknown rounding {rounding!r}; expected one of {ROUNDING_MODES}")
+        check_choice("rounding", rounding, ROUNDING_MODES)
     out = jnp.minimum(((v + increment) & ~mask) + base, _U32(p.max_bits))
 
     # Below the smallest positive value (or E8M0's float32-subnormal binade): two candidates.
@@ -235,14 +243,14 @@ def from_bits(codes: jax.Array, fmt: FloatFormat | str) -> jax.Array:
     return _as_f32(out)
 
 
-def ulp(x: jax.Array, fmt: FloatFormat | str | FormatParams) -> jax.Array:
+def ulp(x: jax.Array, fmt: FormatLike) -> jax.Array:
     """Spacing of ``fmt``'s grid at ``|x|``: from the grid value at or below |x| to the next one.
 
     ``2**(e - M)`` for |x| in the binade ``[2**e, 2**(e+1))``, the subnormal quantum below the
     normal range, the top binade's spacing beyond ``max_value`` (fixed point: the quantum
     everywhere); NaN for inf and NaN. float32. ``fmt`` may be traced :class:`FormatParams`.
     """
-    p = fmt if isinstance(fmt, FormatParams) else format_params(get_format(fmt))
+    p = as_params(fmt)
     x = _check_float(x, "ulp").astype(jnp.float32)
     a = _as_u32(x) & _U32(_ABS)
     # The lowest binade's exponent; exponent-only formats start their normal frame one above.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from altgrad_jax._checks import check_choice, check_positive_float, check_positive_int
 from altgrad_jax.bits import ROUNDING_MODES, Rounding
 from altgrad_jax.formats import FloatFormat, get_format
 from altgrad_jax.scaling import (
@@ -53,23 +54,12 @@ class TensorQuant:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "format", get_format(self.format))
-        if self.rounding not in ROUNDING_MODES:
-            raise ValueError(
-                f"unknown rounding {self.rounding!r}; expected one of {ROUNDING_MODES}"
-            )
-        if self.scaling not in SCALING_MODES:
-            raise ValueError(f"unknown scaling {self.scaling!r}; expected one of {SCALING_MODES}")
-        if self.amax_algorithm not in AMAX_ALGORITHMS:
-            raise ValueError(
-                f"unknown amax_algorithm {self.amax_algorithm!r}; expected one of {AMAX_ALGORITHMS}"
-            )
-        bad_len = isinstance(self.history_len, bool) or not isinstance(self.history_len, int)
-        if bad_len or self.history_len < 1:
-            raise ValueError(f"history_len must be an int >= 1, got {self.history_len!r}")
-        if not self.margin > 0:
-            raise ValueError(f"margin must be positive, got {self.margin!r}")
-        if not self.scale_min > 0:
-            raise ValueError(f"scale_min must be positive, got {self.scale_min!r}")
+        check_choice("rounding", self.rounding, ROUNDING_MODES)
+        check_choice("scaling", self.scaling, SCALING_MODES)
+        check_choice("amax_algorithm", self.amax_algorithm, AMAX_ALGORITHMS)
+        check_positive_int("history_len", self.history_len)
+        check_positive_float("margin", self.margin)
+        check_positive_float("scale_min", self.scale_min)
 
 
 RoleSpec = TensorQuant | FloatFormat | str | None

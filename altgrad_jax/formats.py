@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FloatFormat",
+    "FormatLike",
     "FormatParams",
+    "as_params",
     "format_params",
     "format_table",
     "get_format",
@@ -439,6 +441,18 @@ def format_params(fmt: FloatFormat) -> FormatParams:
         has_nan=fmt.has_nan,
         has_zero=fmt.has_zero,
     )
+
+
+FormatLike = FloatFormat | str | FormatParams
+"""What every API that takes "a format" accepts: a format, its registered name, or traced params."""
+
+
+def as_params(fmt: FormatLike) -> FormatParams:
+    """The kernel constants of any :data:`FormatLike`: Python ints for a format or name (so
+    every branch folds at trace time), the given arrays for traced :class:`FormatParams`."""
+    if isinstance(fmt, FormatParams):
+        return fmt
+    return format_params(get_format(fmt))
 
 
 def stack_format_params(formats: tuple[FloatFormat | str, ...]) -> FormatParams:

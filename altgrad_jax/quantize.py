@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from altgrad_jax._checks import check_choice
 from altgrad_jax.bits import ROUNDING_MODES, Rounding, round_float32
-from altgrad_jax.formats import FloatFormat, FormatParams, format_params, get_format
+from altgrad_jax.formats import FloatFormat, FormatLike, FormatParams, as_params, get_format
 
 __all__ = ["quantize", "random_bits"]
 
@@ -103,7 +104,7 @@ def _check_input(x: jax.Array, fmt: FloatFormat | None) -> None:
 
 def quantize(
     x: jax.Array,
-    fmt: FloatFormat | str | FormatParams,
+    fmt: FormatLike,
     scale: float | jax.Array = 1.0,
     *,
     rounding: Rounding = "nearest",
@@ -130,16 +131,12 @@ def quantize(
       The quantized array. Finite overflow and inf saturate to ``±max_value * scale`` (inf stays
       inf in formats with inf), NaN stays NaN.
     """
-    if rounding not in ROUNDING_MODES:
-        raise ValueError(f"unknown rounding {rounding!r}; expected one of {ROUNDING_MODES}")
+    check_choice("rounding", rounding, ROUNDING_MODES)
     if rounding == "stochastic" and key is None:
         raise ValueError("rounding='stochastic' needs a PRNG key: quantize(..., key=key)")
     x = jnp.asarray(x)
-    if isinstance(fmt, FormatParams):
-        static_fmt, params = None, fmt
-    else:
-        static_fmt = get_format(fmt)
-        params = format_params(static_fmt)
+    params = as_params(fmt)
+    static_fmt = None if isinstance(fmt, FormatParams) else get_format(fmt)
     _check_input(x, static_fmt)
     _check_scale(scale)
     unit_scale = isinstance(scale, (int, float)) and scale == 1

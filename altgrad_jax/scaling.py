@@ -14,12 +14,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from altgrad_jax.formats import FloatFormat, FormatParams, get_format
+from altgrad_jax._checks import (
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+    choices_of,
+)
+from altgrad_jax._pytree import pytree_dataclass, static_field
+from altgrad_jax.formats import FormatLike, as_params
 
 __all__ = [
     "AMAX_ALGORITHMS",
@@ -31,15 +36,15 @@ __all__ = [
 ]
 
 AmaxAlgorithm = Literal["max", "most_recent"]
-AMAX_ALGORITHMS: tuple[str, ...] = ("max", "most_recent")
+AMAX_ALGORITHMS: tuple[str, ...] = choices_of(AmaxAlgorithm)
 ScalingMode = Literal["current", "delayed"]
-SCALING_MODES: tuple[str, ...] = ("current", "delayed")
+SCALING_MODES: tuple[str, ...] = choices_of(ScalingMode)
 
 DEFAULT_MARGIN = 1.01
 DEFAULT_SCALE_MIN = 1e-10
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class AmaxHistory:
     """A fixed-size window of recent amax values, newest first.
 
@@ -51,16 +56,12 @@ class AmaxHistory:
 
     history: jax.Array
     count: jax.Array
-    algorithm: str = flax.struct.field(pytree_node=False, default="max")
+    algorithm: str = static_field(default="max")
 
     @classmethod
     def create(cls, history_len: int = 16, algorithm: AmaxAlgorithm = "max") -> AmaxHistory:
-        if not isinstance(history_len, int) or isinstance(history_len, bool) or history_len < 1:
-            raise ValueError(f"history_len must be a positive int, got {history_len!r}")
-        if algorithm not in AMAX_ALGORITHMS:
-            raise ValueError(
-                f"unknown amax algorithm {algorithm!r}; expected one of {AMAX_ALGORITHMS}"
-            )
+        history_len = check_positive_int("history_len", history_len)
+        check_choice("amax algorithm", algorithm, AMAX_ALGORITHMS)
         return cls(jnp.zeros((history_len,), jnp.float32), jnp.zeros((), jnp.int32), algorithm)
 
     @property
@@ -87,16 +88,15 @@ class AmaxHistory:
         return jnp.where(self.count > 0, amax, jnp.float32(1.0))
 
 
-def _scale_factor(fmt: FloatFormat | str | FormatParams, margin: float) -> jax.Array:
-    """``margin / max_value`` rounded once to float32, the same for static and traced formats."""
-    if isinstance(fmt, FormatParams):
-        return jnp.float32(margin) / fmt.max_value
-    return jnp.float32(np.float32(margin) / np.float32(get_format(fmt).max_value))
+def _scale_factor(fmt: FormatLike, margin: float) -> jax.Array:
+    """``margin / max_value`` rounded once to float32 (one IEEE division, so static and traced
+    formats, eager and jit, give the same bits)."""
+    return jnp.float32(margin) / as_params(fmt).max_value
 
 
 def compute_scale(
     amax: jax.Array,
-    fmt: FloatFormat | str | FormatParams,
+    fmt: FormatLike,
     scale_min: float = DEFAULT_SCALE_MIN,
     margin: float = DEFAULT_MARGIN,
 ) -> jax.Array:
@@ -106,10 +106,8 @@ def compute_scale(
     bits are the same eagerly, under ``jit`` and for traced formats. The floor keeps an all-zero
     tensor from producing a zero scale; a NaN amax gives a NaN scale, so NaN stays visible.
     """
-    if not scale_min > 0:
-        raise ValueError(f"scale_min must be positive, got {scale_min}")
-    if not margin > 0:
-        raise ValueError(f"margin must be positive, got {margin}")
+    check_positive_float("scale_min", scale_min)
+    check_positive_float("margin", margin)
     amax = jnp.asarray(amax, jnp.float32)
     scale = jnp.maximum(amax * _scale_factor(fmt, margin), jnp.float32(scale_min))
     return jnp.where(amax < scale_min, jnp.float32(scale_min), scale)
@@ -118,7 +116,7 @@ def compute_scale(
 def scale_and_update(
     history: AmaxHistory,
     x: jax.Array,
-    fmt: FloatFormat | str | FormatParams,
+    fmt: FormatLike,
     mode: ScalingMode = "current",
     *,
     scale_min: float = DEFAULT_SCALE_MIN,
@@ -129,8 +127,7 @@ def scale_and_update(
     "current" records first and scales from the updated window; "delayed" scales from the
     window as it was, then records.
     """
-    if mode not in SCALING_MODES:
-        raise ValueError(f"unknown scaling mode {mode!r}; expected one of {SCALING_MODES}")
+    check_choice("scaling mode", mode, SCALING_MODES)
     new_history = history.update(x)
     source = new_history if mode == "current" else history
     return compute_scale(source.get_amax(), fmt, scale_min, margin), new_history

@@ -12,15 +12,15 @@ two-word counter exact to 2**64 without enabling x64 (1e9 parameters x 1e4 steps
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
-from altgrad_jax.formats import FloatFormat, FormatParams, get_format
+from altgrad_jax._pytree import pytree_dataclass
+from altgrad_jax.formats import FormatLike
 from altgrad_jax.quantize import quantize
+from altgrad_jax.rules import FormatSpec, leaf_format
 from altgrad_jax.scaling import compute_scale
 
 __all__ = [
@@ -34,10 +34,8 @@ __all__ = [
 
 GRAD_THRESHOLD = 1e-10
 
-FormatRule = Callable[[tuple, jax.Array], "FloatFormat | str | None"]
 
-
-@flax.struct.dataclass
+@pytree_dataclass
 class ExactCount:
     """A non-negative integer counter exact up to 2**64, as two uint32 words (high, low).
 
@@ -87,7 +85,7 @@ def _stall_mask(
     weight: jax.Array,
     new_weight: jax.Array,
     counted: jax.Array,
-    fmt: FloatFormat | str | FormatParams,
+    fmt: FormatLike,
     scale: float | jax.Array,
 ) -> jax.Array:
     unchanged = quantize(new_weight, fmt, scale) == quantize(weight, fmt, scale)
@@ -98,7 +96,7 @@ def detect_bit_stall(
     weight: jax.Array,
     grad: jax.Array,
     lr: float | jax.Array,
-    fmt: FloatFormat | str | FormatParams,
+    fmt: FormatLike,
     scale: float | jax.Array = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Counts the SGD updates ``w - lr * g`` that leave ``quantize(w)`` unchanged.
@@ -113,7 +111,7 @@ def detect_bit_stall(
     return jnp.sum(stalled, dtype=jnp.uint32), jnp.sum(counted, dtype=jnp.uint32)
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class BitStallDetector:
     """Running bit-stall totals; ``update`` returns a new detector (nothing is mutated)."""
 
@@ -130,7 +128,7 @@ class BitStallDetector:
         weight: jax.Array,
         grad: jax.Array,
         lr: float | jax.Array,
-        fmt: FloatFormat | str | FormatParams,
+        fmt: FormatLike,
         scale: float | jax.Array = 1.0,
     ) -> BitStallDetector:
         stalled, total = detect_bit_stall(weight, grad, lr, fmt, scale)
@@ -160,18 +158,10 @@ class StallStats(NamedTuple):
         return _ratio(self.stall_count, self.total_count)
 
 
-def _resolve_format(fmt, path, leaf) -> FloatFormat | FormatParams | None:
-    if isinstance(fmt, FormatParams):
-        return fmt
-    if callable(fmt) and not isinstance(fmt, FloatFormat):
-        fmt = fmt(path, leaf)
-    return None if fmt is None else get_format(fmt)
-
-
 def tree_bit_stall(
     params: Any,
     updates: Any,
-    fmt: FloatFormat | str | FormatParams | FormatRule,
+    fmt: FormatSpec,
     scale: float | Any | None = None,
     grads: Any | None = None,
 ) -> StallStats:
@@ -201,9 +191,9 @@ def tree_bit_stall(
     for (path, w), u, g, s in zip(
         leaves_with_path, update_leaves, grad_leaves, scale_leaves, strict=True
     ):
-        leaf_fmt = _resolve_format(fmt, path, w)
+        leaf_fmt = leaf_format(fmt, path, w)
         w = jnp.asarray(w)
-        if leaf_fmt is None or not jnp.issubdtype(w.dtype, jnp.floating):
+        if leaf_fmt is None:
             stall.append(None)
             total.append(None)
             continue

@@ -1,5 +1,6 @@
 """Quantized Flax Linen layers, model-wide path rules, and a train-step gradient helper."""
 
+from altgrad_jax._pytree import register_flax_serialization
 from altgrad_jax.linen.modules import (
     QUANT_STATE,
     QUANT_STATS,
@@ -21,3 +22,5 @@ __all__ = [
     "quant_value_and_grad",
     "quantized_clone",
 ]
+
+register_flax_serialization()  # checkpoints of the core pytrees via flax.serialization

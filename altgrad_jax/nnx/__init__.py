@@ -1,5 +1,6 @@
 """Quantized Flax NNX layers and a train-step gradient helper."""
 
+from altgrad_jax._pytree import register_flax_serialization
 from altgrad_jax.nnx.modules import (
     OutputGradState,
     QuantEinsum,
@@ -19,3 +20,5 @@ __all__ = [
     "QuantStatsVariable",
     "quant_value_and_grad",
 ]
+
+register_flax_serialization()  # checkpoints of the core pytrees via flax.serialization

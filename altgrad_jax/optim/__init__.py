@@ -14,6 +14,7 @@ Formats are a FloatFormat, a name, a ``PathRules`` (path -> format | None), or t
 ``FormatParams`` arrays, so one jitted step serves every format.
 """
 
+from altgrad_jax._pytree import register_flax_serialization
 from altgrad_jax.optim._common import pow2_scale
 from altgrad_jax.optim.monitor import (
     HISTOGRAM_EDGES,
@@ -61,3 +62,5 @@ __all__ = [
     "scale_by_ulp",
     "stall_stats",
 ]
+
+register_flax_serialization()  # checkpoints of the core pytrees via flax.serialization

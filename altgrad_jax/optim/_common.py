@@ -8,38 +8,19 @@ a static format (folded away) and arrays for a traced one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from altgrad_jax.bits import power_of_two
-from altgrad_jax.formats import FloatFormat, FormatParams, format_params, get_format
+from altgrad_jax.formats import FloatFormat, FormatParams, as_params
+from altgrad_jax.rules import FormatSpec, leaf_format
 from altgrad_jax.scaling import compute_scale
-
-FormatSpec = FloatFormat | str | FormatParams | Callable[..., Any]
-"""One format for every leaf, or a rule ``(path, leaf) -> format | None`` such as ``PathRules``."""
 
 LeafFormat = FloatFormat | FormatParams
 SCALE_MODES: tuple[str, ...] = ("pow2", "amax")
-
-
-def check_format_spec(fmt: FormatSpec) -> FormatSpec:
-    """Validates a format spec at construction time; returns it with names resolved."""
-    if isinstance(fmt, (FloatFormat, FormatParams)):
-        return fmt
-    if isinstance(fmt, str):
-        return get_format(fmt)
-    if callable(fmt):
-        for _, value in getattr(fmt, "rules", ()):
-            if value is not None and not isinstance(value, FormatParams):
-                get_format(value)
-        return fmt
-    raise TypeError(
-        f"format must be a FloatFormat, a format name, FormatParams or a rule "
-        f"(path, leaf) -> format | None such as PathRules; got {fmt!r}"
-    )
 
 
 def check_scale(scale: float | str) -> float | str:
@@ -53,18 +34,6 @@ def check_scale(scale: float | str) -> float | str:
             f"scale must be a positive finite float or one of {SCALE_MODES}, got {scale!r}"
         )
     return float(scale)
-
-
-def leaf_format(fmt: FormatSpec, path: tuple, leaf: Any) -> LeafFormat | None:
-    """The format of one leaf, or None when the leaf is skipped (rule says None, or not float)."""
-    if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
-        return None
-    if isinstance(fmt, (FloatFormat, FormatParams)):
-        return fmt
-    value = fmt(path, leaf)
-    if value is None or isinstance(value, FormatParams):
-        return value
-    return get_format(value)
 
 
 def iter_leaves(
@@ -81,13 +50,9 @@ def find_states(opt_state: Any, state_type: type) -> list[Any]:
     return [node for node in found if isinstance(node, state_type)]
 
 
-def kernel_params(fmt: LeafFormat) -> FormatParams:
-    return fmt if isinstance(fmt, FormatParams) else format_params(fmt)
-
-
 def max_value(fmt: LeafFormat) -> jax.Array:
     """The format's largest finite value as float32 (traced for ``FormatParams``)."""
-    return kernel_params(fmt).max_value
+    return as_params(fmt).max_value
 
 
 def pow2_scale(amax: jax.Array, fmt: LeafFormat) -> jax.Array:

@@ -27,16 +27,15 @@ import jax.numpy as jnp
 import optax
 
 from altgrad_jax.bits import round_float32, ulp
+from altgrad_jax.formats import as_params
 from altgrad_jax.optim._common import (
-    FormatSpec,
     RunningSum,
-    check_format_spec,
     check_scale,
     find_states,
     iter_leaves,
-    kernel_params,
     resolve_scale,
 )
+from altgrad_jax.rules import FormatSpec, check_format_spec
 from altgrad_jax.stall import GRAD_THRESHOLD, ExactCount, safe_ratio
 
 __all__ = [
@@ -206,7 +205,7 @@ def _entry_terms(
     w: jax.Array, u: jax.Array, g: jax.Array, valid: jax.Array | None, fmt: Any, s: jax.Array
 ) -> tuple[list[jax.Array], jax.Array, jax.Array]:
     """Per entry: the packed flags, |Q(w + u) - Q(w)| and |u| (zero where not ``valid``)."""
-    p = kernel_params(fmt)
+    p = as_params(fmt)
     inverse = 1 / s  # as quantize: x / scale is x * (1 / scale)
     rounded_old = round_float32(w * inverse, p)
     old, new = rounded_old * s, round_float32((w + u) * inverse, p) * s

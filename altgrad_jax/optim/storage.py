@@ -38,16 +38,14 @@ import optax
 
 from altgrad_jax.formats import FloatFormat, FormatParams
 from altgrad_jax.optim._common import (
-    FormatSpec,
     RunningSum,
-    check_format_spec,
     check_scale,
     find_states,
     iter_leaves,
     resolve_scale,
 )
 from altgrad_jax.quantize import quantize
-from altgrad_jax.rules import path_str
+from altgrad_jax.rules import FormatSpec, check_format_spec, path_str
 from altgrad_jax.stall import safe_ratio
 
 __all__ = [

@@ -23,18 +23,16 @@ import jax.numpy as jnp
 import optax
 
 from altgrad_jax.bits import power_of_two, ulp
-from altgrad_jax.formats import FloatFormat
+from altgrad_jax.formats import FloatFormat, as_params
 from altgrad_jax.optim._common import (
-    FormatSpec,
     LeafFormat,
-    check_format_spec,
     check_scale,
     iter_leaves,
-    kernel_params,
     max_value,
     resolve_scale,
 )
 from altgrad_jax.quantize import quantize, random_bits
+from altgrad_jax.rules import FormatSpec, check_format_spec
 
 __all__ = [
     "GridSGDState",
@@ -134,7 +132,7 @@ def scale_by_stiffness(
 # ------------------------------------------------------------------------------ grid rungs
 def _rung_constants(fmt: LeafFormat) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """(M, float32 bits of 2**emin, 2**M, quantum 2**(emin - M)) of a signed format with zero."""
-    p = kernel_params(fmt)
+    p = as_params(fmt)
     m = jnp.asarray(p.mantissa_bits, jnp.int32)
     min_normal_bits = jnp.asarray(p.min_normal_field, _U32) << 23
     first_normal_rung = jnp.left_shift(1, m)
