@@ -68,7 +68,9 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_str(name: str, value: Any) -> str:
-    """``value`` if it is a non-empty string."""
-    if not isinstance(value, str) or not value:
+    """``value`` if it is a non-empty string (``TypeError`` for a non-string)."""
+    if not isinstance(value, str):
         raise TypeError(f"{name} must be a non-empty string, got {value!r}")
+    if not value:
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
     return value

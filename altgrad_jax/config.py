@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from altgrad_jax._checks import check_choice, check_positive_float, check_positive_int
+from altgrad_jax._checks import (
+    check_bool,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+    check_str,
+)
 from altgrad_jax.bits import ROUNDING_MODES, Rounding
-from altgrad_jax.formats import FloatFormat, get_format
+from altgrad_jax.formats import FloatFormat, FormatLike, FormatParams, get_format
 from altgrad_jax.scaling import (
     AMAX_ALGORITHMS,
     DEFAULT_MARGIN,
@@ -33,8 +39,14 @@ ROLES: tuple[str, ...] = ("inputs", "weights", "output_grads")
 class TensorQuant:
     """How one tensor role is quantized: ``quantize(x, format, scale, rounding=...)``.
 
+    Everything but the format is static policy. The format is a :class:`FloatFormat` (static,
+    hashable) or traced :class:`FormatParams` arrays: build the config inside the jitted
+    function from traced params and one compiled program serves every format (such a config is
+    not hashable, so do not pass it as a static argument).
+
     Args:
-      format: a :class:`FloatFormat` or a registered name (resolved with ``get_format``).
+      format: a :class:`FloatFormat`, a registered name (resolved with ``get_format``) or
+        :class:`FormatParams`.
       rounding: "nearest", "stochastic" (needs the config's RNG stream) or "toward_zero".
       scaling: "current" (this tensor's amax enters the history before the scale is taken) or
         "delayed" (the scale comes from earlier steps only).
@@ -44,7 +56,7 @@ class TensorQuant:
       scale_min: floor of the scale, so an all-zero tensor never divides by zero.
     """
 
-    format: FloatFormat | str
+    format: FormatLike
     rounding: Rounding = "nearest"
     scaling: ScalingMode = "current"
     history_len: int = 16
@@ -53,7 +65,8 @@ class TensorQuant:
     scale_min: float = DEFAULT_SCALE_MIN
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "format", get_format(self.format))
+        if not isinstance(self.format, FormatParams):
+            object.__setattr__(self, "format", get_format(self.format))
         check_choice("rounding", self.rounding, ROUNDING_MODES)
         check_choice("scaling", self.scaling, SCALING_MODES)
         check_choice("amax_algorithm", self.amax_algorithm, AMAX_ALGORITHMS)
@@ -62,13 +75,13 @@ class TensorQuant:
         check_positive_float("scale_min", self.scale_min)
 
 
-RoleSpec = TensorQuant | FloatFormat | str | None
+RoleSpec = TensorQuant | FormatLike | None
 
 
 def _as_tensor_quant(role: str, spec: RoleSpec) -> TensorQuant | None:
     if spec is None or isinstance(spec, TensorQuant):
         return spec
-    if isinstance(spec, (str, FloatFormat)):
+    if isinstance(spec, (str, FloatFormat, FormatParams)):
         return TensorQuant(spec)
     raise TypeError(
         f"QuantConfig.{role} must be a TensorQuant, a format (name or FloatFormat) or None, "
@@ -87,8 +100,9 @@ class QuantConfig:
       inputs: the left operand (activations).
       weights: the right operand (kernel).
       output_grads: the cotangent of the output, quantized inside the custom VJP.
-      stats: sow / return quantization statistics (fractions saturated, underflowed, subnormal,
-        NaN, and the scale). Off by default: a config without stats computes none of them.
+      stats: sow / return quantization statistics (:class:`~altgrad_jax.quant_dot.QuantStats`:
+        exact counts of entries, saturated, underflowed, subnormal and NaN ones, and the scale).
+        Off by default: a config without stats computes none of them.
       rng_stream: name of the RNG stream stochastic rounding draws from (Linen ``rngs`` key,
         NNX ``Rngs`` stream).
     """
@@ -102,14 +116,14 @@ class QuantConfig:
     def __post_init__(self) -> None:
         for role in ROLES:
             object.__setattr__(self, role, _as_tensor_quant(role, getattr(self, role)))
-        if not isinstance(self.rng_stream, str) or not self.rng_stream:
-            raise ValueError(f"rng_stream must be a non-empty string, got {self.rng_stream!r}")
+        check_bool("stats", self.stats)
+        check_str("rng_stream", self.rng_stream)
 
     @classmethod
     def uniform(
         cls,
-        forward: FloatFormat | str | None = "E4M3",
-        backward: FloatFormat | str | None = "E5M2",
+        forward: FormatLike | None = "E4M3",
+        backward: FormatLike | None = "E5M2",
         **settings,
     ) -> QuantConfig:
         """One format for inputs and weights, one for output gradients, shared ``settings``.
@@ -119,7 +133,7 @@ class QuantConfig:
         """
         own = {k: settings.pop(k) for k in ("stats", "rng_stream") if k in settings}
 
-        def role(fmt: FloatFormat | str | None) -> TensorQuant | None:
+        def role(fmt: FormatLike | None) -> TensorQuant | None:
             return None if fmt is None else TensorQuant(fmt, **settings)
 
         return cls(role(forward), role(forward), role(backward), **own)

@@ -136,7 +136,7 @@ def main():
             reference[:2],
         )
         # The recorded input amax is the max over the whole (sharded) batch, bit for bit.
-        recorded = state["hidden"]["QuantDotGeneral_0"]["inputs"].history[:3]
+        recorded = state["hidden"]["dot_general"]["inputs"].history[:3]
         expected = [float(jnp.max(jnp.abs(x))) for x, _ in batches[::-1]]
         np.testing.assert_array_equal(recorded, np.float32(expected), err_msg=name)
     check_optimizer(variables, put_params)

@@ -60,7 +60,7 @@ def test_linen_checkpoint_round_trip_continues_bit_identically():
 
     restored = serialization.from_bytes(fresh, serialization.to_bytes(checkpoint))
     _assert_identical(restored, checkpoint)
-    history = restored[QUANT_STATE]["QuantDense_0"]["QuantDotGeneral_0"]["inputs"]
+    history = restored[QUANT_STATE]["QuantDense_0"]["dot_general"]["inputs"]
     assert history.algorithm == "most_recent" and int(history.count) == 3
 
     for x in BATCHES[3:]:

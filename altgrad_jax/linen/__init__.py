@@ -7,6 +7,7 @@ from altgrad_jax.linen.modules import (
     QuantDense,
     QuantDotGeneral,
     QuantEinsum,
+    quant_dot_general_cls,
 )
 from altgrad_jax.linen.rules import quant_rules, quantized_clone
 from altgrad_jax.linen.train import merge_quant_state, quant_value_and_grad
@@ -18,6 +19,7 @@ __all__ = [
     "QuantDotGeneral",
     "QuantEinsum",
     "merge_quant_state",
+    "quant_dot_general_cls",
     "quant_rules",
     "quant_value_and_grad",
     "quantized_clone",

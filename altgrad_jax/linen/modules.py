@@ -1,20 +1,23 @@
 """Quantized Linen layers: a ``dot_general`` module, ``QuantDense`` and ``QuantEinsum``.
 
 :class:`QuantDotGeneral` plugs into Flax's own hook, ``nn.Dense(..., dot_general_cls=...)`` (and
-``nn.DenseGeneral``), as ``flax.linen.fp8_ops.Fp8DotGeneralOp`` does. Unlike fp8_ops, its amax
-histories live in their own collection, :data:`QUANT_STATE`, not in ``params``: ``apply(...,
-mutable=[QUANT_STATE])`` returns the updated histories and optimizers never see them. The
-histories are not advanced during ``init`` (as ``nn.BatchNorm`` leaves its running statistics),
-nor when the collection is not mutable (inference). Statistics, when the config asks for them,
-are sown into :data:`QUANT_STATS` for the inputs and weights; those of the output gradient exist
-only in the backward pass and come back from ``quant_value_and_grad`` in the next quant state,
-as ``quant_state/<path>/output_grads_stats``.
+``nn.DenseGeneral``), as ``flax.linen.fp8_ops.Fp8DotGeneralOp`` does, and wraps any full-precision
+``dot_general``. The arithmetic and the state object are the core's
+(:mod:`altgrad_jax.quant_dot`); this module only stores :class:`QuantDotState`'s fields as
+variables of the :data:`QUANT_STATE` collection, under the same names as the NNX layers
+(``quant_state/<layer>/dot_general/inputs`` ...), never in ``params``: ``apply(...,
+mutable=[QUANT_STATE])`` returns the updated histories and optimizers never see them. Histories
+are not advanced during ``init`` (as ``nn.BatchNorm`` leaves its running statistics), nor when
+the collection is not mutable (inference). Statistics, when the config asks for them, are sown
+into :data:`QUANT_STATS` for the inputs and weights; those of the output gradient exist only in
+the backward pass and come back from ``quant_value_and_grad`` in the next quant state.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,15 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from altgrad_jax.config import QuantConfig
-from altgrad_jax.quant_dot import (
-    OUTPUT_GRAD_STATE,
-    OUTPUT_GRAD_STATS,
-    create_history,
-    empty_stats,
-    grad_stats_enabled,
-    quantized_contract,
-    state_roles,
-)
+from altgrad_jax.quant_dot import QuantDotState, initial_entry, quantized_contract, state_names
 
 __all__ = ["QUANT_STATE", "QUANT_STATS", "QuantDense", "QuantDotGeneral", "QuantEinsum"]
 
@@ -38,18 +33,26 @@ QUANT_STATE = "quant_state"
 QUANT_STATS = "quant_stats"
 
 
+def contraction(op: Callable[..., jax.Array], *args: Any, **kwargs: Any) -> Callable[..., Any]:
+    """``op`` with its static arguments bound; keyword arguments that are None are left out,
+    so user ops that do not know ``preferred_element_type`` or ``out_sharding`` still work."""
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    return functools.partial(op, *args, **given) if args else functools.partial(op, **given)
+
+
 class QuantDotGeneral(nn.Module):
     """A drop-in ``dot_general`` whose operands and output gradient are quantized.
 
-    The left operand is the ``inputs`` role, the right one the ``weights`` role. State:
-    ``quant_state/<path>/{inputs,weights,output_grads}`` :class:`AmaxHistory` (the last only for
-    delayed output-gradient scaling); see :mod:`altgrad_jax.quant_dot` for the arithmetic.
+    The left operand is the ``inputs`` role, the right one the ``weights`` role. State: the
+    :class:`~altgrad_jax.quant_dot.QuantDotState` fields as ``quant_state`` variables.
 
     Attributes:
       config: the :class:`QuantConfig`.
+      dot_general: the full-precision op that runs on the quantized operands.
     """
 
     config: QuantConfig = QuantConfig()
+    dot_general: Callable[..., jax.Array] = lax.dot_general
 
     def __call__(
         self,
@@ -58,12 +61,14 @@ class QuantDotGeneral(nn.Module):
         dimension_numbers: lax.DotDimensionNumbers,
         precision: lax.PrecisionLike = None,
         preferred_element_type: jnp.dtype | None = None,
+        **kwargs: Any,
     ) -> jax.Array:
-        contract = functools.partial(
-            lax.dot_general,
+        contract = contraction(
+            self.dot_general,
             dimension_numbers=dimension_numbers,
             precision=precision,
             preferred_element_type=preferred_element_type,
+            **kwargs,
         )
         return self.quantized(contract, lhs, rhs)
 
@@ -73,33 +78,43 @@ class QuantDotGeneral(nn.Module):
     ) -> jax.Array:
         """``contract(lhs, rhs)`` on quantized operands (any bilinear op, e.g. an einsum)."""
         config = self.config
+        if not isinstance(config, QuantConfig):
+            raise TypeError(f"config must be a QuantConfig, got {config!r}")
         variables = {
-            role: self.variable(QUANT_STATE, role, create_history, config.role(role))
-            for role in state_roles(config)
+            name: self.variable(QUANT_STATE, name, initial_entry, config, name)
+            for name in state_names(config)
         }
         key = None
         if config.needs_rng and self.has_rng(config.rng_stream):
             key = self.make_rng(config.rng_stream)
-        histories = {role: var.value for role, var in variables.items()}
-        probe = None
-        if grad_stats_enabled(config):
-            probe = self.variable(QUANT_STATE, OUTPUT_GRAD_STATS, empty_stats).value
-        y, new_histories, stats = quantized_contract(
-            contract, lhs, rhs, config, histories, key, probe
-        )
+        state = QuantDotState(**{name: var.value for name, var in variables.items()})
+        y, new_state, stats = quantized_contract(contract, lhs, rhs, config, state, key)
         if self.is_mutable_collection(QUANT_STATE) and not self.is_initializing():
-            for role, var in variables.items():
-                if role != OUTPUT_GRAD_STATE:
-                    var.value = new_histories[role]
+            for role in ("inputs", "weights"):
+                if role in variables:
+                    variables[role].value = getattr(new_state, role)
         for role, role_stats in stats.items():
             self.sow(QUANT_STATS, role, role_stats)
         return y
 
 
+def quant_dot_general_cls(
+    config: QuantConfig, dot_general: Callable[..., jax.Array] | None = None
+) -> Callable[[], QuantDotGeneral]:
+    """What to pass as ``dot_general_cls`` of ``nn.Dense`` / ``nn.DenseGeneral``: the child is
+    named ``dot_general``, as the NNX layers' attribute, so state paths match."""
+    return functools.partial(
+        QuantDotGeneral,
+        config=config,
+        dot_general=dot_general or lax.dot_general,
+        name="dot_general",
+    )
+
+
 class QuantDense(nn.Dense):
     """``nn.Dense`` with :class:`QuantDotGeneral`; same ``params`` layout as ``nn.Dense``.
 
-    An explicitly given ``dot_general`` or ``dot_general_cls`` takes precedence over ``config``.
+    A given ``dot_general`` is the full-precision op the quantized one wraps.
 
     Attributes:
       config: the :class:`QuantConfig` (all ``nn.Dense`` attributes apply as well).
@@ -108,10 +123,16 @@ class QuantDense(nn.Dense):
     config: QuantConfig = QuantConfig()
 
     def __post_init__(self) -> None:
-        if self.dot_general is None and self.dot_general_cls is None:
-            object.__setattr__(
-                self, "dot_general_cls", functools.partial(QuantDotGeneral, config=self.config)
+        ours = getattr(self.dot_general_cls, "func", None) is QuantDotGeneral
+        if self.dot_general_cls is not None and not ours:
+            raise ValueError(
+                "QuantDense builds its own dot_general_cls from config; pass dot_general= to wrap "
+                "a custom op, or use nn.Dense(dot_general_cls=quant_dot_general_cls(config))"
             )
+        if not ours:  # clones (Flax re-runs __post_init__) keep the one built the first time
+            cls = quant_dot_general_cls(self.config, self.dot_general)
+            object.__setattr__(self, "dot_general_cls", cls)
+            object.__setattr__(self, "dot_general", None)
         super().__post_init__()
 
 
@@ -119,7 +140,8 @@ class QuantEinsum(nn.Einsum):
     """``nn.Einsum`` whose input and kernel are quantized; same ``params`` layout.
 
     The quantized operands go through ``jnp.einsum`` and the output gradient is quantized on the
-    einsum's output (elementwise, so the same as on its inner dot_general).
+    einsum's output (elementwise, so the same as on its inner dot_general). State lives under
+    ``quant_state/<layer>/einsum_op``, as the NNX layer's ``einsum_op`` attribute.
 
     Attributes:
       config: the :class:`QuantConfig` (all ``nn.Einsum`` attributes apply as well).
@@ -140,13 +162,13 @@ class QuantEinsum(nn.Einsum):
             bias_shape, broadcast_shape = self._get_bias_shape(einsum_str, inputs, kernel)
             bias = self.param("bias", self.bias_init, bias_shape, self.param_dtype)
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        contract = functools.partial(
+        contract = contraction(
             jnp.einsum,
             einsum_str,
             precision=self.precision,
             preferred_element_type=self.preferred_element_type,
         )
-        y = QuantDotGeneral(self.config).quantized(contract, inputs, kernel)
+        y = QuantDotGeneral(self.config, name="einsum_op").quantized(contract, inputs, kernel)
         if bias is not None:
             y += jnp.reshape(bias, broadcast_shape)
         return y

@@ -12,14 +12,13 @@ inside the ``with`` block (put it inside the jitted function, around ``init``/``
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 
 from altgrad_jax.config import QuantConfig
-from altgrad_jax.linen.modules import QuantDotGeneral, QuantEinsum
+from altgrad_jax.linen.modules import QuantEinsum, quant_dot_general_cls
 from altgrad_jax.rules import PathRules
 
 __all__ = ["quant_rules", "quantized_clone"]
@@ -39,8 +38,7 @@ def quantized_clone(module: nn.Module, config: QuantConfig) -> nn.Module:
     """A quantized copy of a bound ``Dense``/``DenseGeneral``/``Einsum`` on the same scope."""
     if isinstance(module, nn.Einsum):
         return QuantEinsum(**_einsum_fields(module), config=config, parent=module.scope)
-    dot_general_cls = functools.partial(QuantDotGeneral, config=config)
-    return module.clone(parent=module.scope, dot_general_cls=dot_general_cls)
+    return module.clone(parent=module.scope, dot_general_cls=quant_dot_general_cls(config))
 
 
 def _is_quantizable(module: nn.Module) -> bool:

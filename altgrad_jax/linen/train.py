@@ -14,12 +14,7 @@ from typing import Any
 
 import jax
 
-from altgrad_jax.quant_dot import (
-    OUTPUT_GRAD_STATE,
-    OUTPUT_GRAD_STATS,
-    QuantStats,
-    record_output_grad_amax,
-)
+from altgrad_jax.quant_dot import next_entry
 from altgrad_jax.rules import path_str
 from altgrad_jax.scaling import AmaxHistory
 
@@ -27,13 +22,14 @@ __all__ = ["merge_quant_state", "quant_value_and_grad"]
 
 
 def _is_entry(node: Any) -> bool:
-    return isinstance(node, (AmaxHistory, QuantStats))
+    return isinstance(node, AmaxHistory)
 
 
 def merge_quant_state(forward_state: Any, state_cotangent: Any) -> Any:
-    """The next quant state: forward histories as returned, output-gradient ones recorded.
+    """The next quant state: :func:`altgrad_jax.quant_dot.next_entry` on every entry.
 
-    Output-gradient statistics (``output_grads_stats``) become their cotangent.
+    Forward histories as returned, output-gradient ones with this step's amax recorded, and the
+    output-gradient statistics probes (``output_grads_stats``) replaced by their cotangents.
 
     Args:
       forward_state: ``quant_state`` returned by ``apply(..., mutable=[...])``.
@@ -41,12 +37,7 @@ def merge_quant_state(forward_state: Any, state_cotangent: Any) -> Any:
     """
 
     def merge(path, forward, cotangent):
-        name = path_str(path).rsplit("/", 1)[-1]
-        if name == OUTPUT_GRAD_STATE:
-            return record_output_grad_amax(forward, cotangent)
-        if name == OUTPUT_GRAD_STATS:
-            return cotangent
-        return forward
+        return next_entry(path_str(path).rsplit("/", 1)[-1], forward, cotangent)
 
     return jax.tree_util.tree_map_with_path(
         merge, forward_state, state_cotangent, is_leaf=_is_entry

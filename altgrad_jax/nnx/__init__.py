@@ -3,8 +3,10 @@
 from altgrad_jax._pytree import register_flax_serialization
 from altgrad_jax.nnx.modules import (
     OutputGradState,
+    OutputGradStats,
+    QuantDotGeneral,
     QuantEinsum,
-    QuantLayer,
+    QuantEinsumOp,
     QuantLinear,
     QuantState,
     QuantStatsVariable,
@@ -13,8 +15,10 @@ from altgrad_jax.nnx.train import quant_value_and_grad
 
 __all__ = [
     "OutputGradState",
+    "OutputGradStats",
+    "QuantDotGeneral",
     "QuantEinsum",
-    "QuantLayer",
+    "QuantEinsumOp",
     "QuantLinear",
     "QuantState",
     "QuantStatsVariable",

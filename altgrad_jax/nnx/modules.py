@@ -1,40 +1,47 @@
-"""Quantized NNX layers: ``QuantLinear`` and ``QuantEinsum``, same arithmetic as the Linen ones.
+"""Quantized NNX layers: ``QuantLinear`` and ``QuantEinsum``, the same arithmetic as Linen's.
 
-Amax histories are :class:`QuantState` variables (the output-gradient history the subclass
+They are ``nnx.Linear`` / ``nnx.Einsum`` themselves, with the quantized op plugged into Flax's
+own hooks (``dot_general``, ``einsum_op``), so Flax's ``__call__`` runs unchanged: every argument
+(``out_sharding``, ``preferred_element_type``, ``promote_dtype``...) behaves as in Flax, and a
+user ``dot_general`` / ``einsum_op`` is the full-precision op the quantized one wraps.
+
+The op's state is the core's :class:`~altgrad_jax.quant_dot.QuantDotState`, one variable per
+field under the same names as in Linen (``layer.dot_general.inputs``, ``.weights``,
+``.output_grads``, ``.output_grads_stats``), so a Linen checkpoint maps onto the NNX model by
+path. Histories are :class:`QuantState` variables (the output-gradient ones the subclass
 :class:`OutputGradState`), so ``nnx.state(model, QuantState)`` or ``nnx.split(model, nnx.Param,
-QuantState, ...)`` separates them from the parameters, and ``nnx.jit`` or plain ``jax.jit`` over
-split state carry them. Every call advances the forward histories, as ``nnx.BatchNorm`` in
-training mode advances its statistics. With ``config.stats`` the last call's statistics are kept
-in :class:`QuantStatsVariable` variables and returned by :meth:`QuantLayer.quant_stats` (those of
-the output gradient, :class:`OutputGradStats`, after a ``quant_value_and_grad`` step).
+QuantState, ...)`` separates them from the parameters. Every call advances the forward histories,
+as ``nnx.BatchNorm`` in training mode advances its statistics. With ``config.stats`` the last
+call's statistics are kept in :class:`QuantStatsVariable` variables and returned by
+``quant_stats()`` (those of the output gradient after a ``quant_value_and_grad`` step).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from altgrad_jax.config import ROLES, QuantConfig
+from altgrad_jax.config import QuantConfig
+from altgrad_jax.linen.modules import contraction
 from altgrad_jax.quant_dot import (
-    OUTPUT_GRAD_STATE,
+    QuantDotState,
     QuantStats,
-    create_history,
-    empty_stats,
-    grad_stats_enabled,
+    initial_entry,
     quantized_contract,
-    state_roles,
+    state_names,
 )
 
 __all__ = [
     "OutputGradState",
     "OutputGradStats",
+    "QuantDotGeneral",
     "QuantEinsum",
-    "QuantLayer",
+    "QuantEinsumOp",
     "QuantLinear",
     "QuantState",
     "QuantStatsVariable",
@@ -42,77 +49,134 @@ __all__ = [
 
 
 class QuantState(nnx.Variable):
-    """An :class:`AmaxHistory` of a quantized tensor role (not a parameter)."""
+    """Quantization state of a layer (amax histories, the gradient-statistics probe)."""
 
 
 class OutputGradState(QuantState):
     """The output-gradient history (delayed scaling), updated by ``quant_value_and_grad``."""
 
 
+class OutputGradStats(QuantState):
+    """The output gradient's statistics probe, set by ``quant_value_and_grad``."""
+
+
 class QuantStatsVariable(nnx.Variable):
-    """The :class:`QuantStats` of one tensor role from the last call."""
+    """The :class:`QuantStats` of one forward role from the last call."""
 
 
-class OutputGradStats(QuantStatsVariable):
-    """The output gradient's :class:`QuantStats`, set by ``quant_value_and_grad``."""
+_KINDS = {"output_grads": OutputGradState, "output_grads_stats": OutputGradStats}
 
 
-class QuantLayer(nnx.Module):
-    """Quantization state and the quantized contraction, shared by the NNX layers."""
+class _QuantOp(nnx.Module):
+    """The state and the quantized contraction shared by :class:`QuantDotGeneral` and
+    :class:`QuantEinsumOp`."""
 
-    def _init_quant(self, config: QuantConfig, rngs: nnx.Rngs | None) -> None:
+    def __init__(self, config: QuantConfig | None, rngs: nnx.Rngs | None) -> None:
+        config = QuantConfig() if config is None else config
         if not isinstance(config, QuantConfig):
             raise TypeError(f"config must be a QuantConfig, got {config!r}")
         self.config = config
-        for role in state_roles(config):
-            kind = OutputGradState if role == OUTPUT_GRAD_STATE else QuantState
-            setattr(self, f"{role}_amax", kind(create_history(config.role(role))))
+        for name in state_names(config):
+            setattr(self, name, _KINDS.get(name, QuantState)(initial_entry(config, name)))
         self.quant_rngs = nnx.data(None)
         if config.needs_rng:
             try:
                 self.quant_rngs = rngs[config.rng_stream].fork()
-            except (KeyError, TypeError):
+            except (KeyError, TypeError, AttributeError):
                 raise ValueError(
                     f"stochastic rounding needs the RNG stream {config.rng_stream!r}: pass "
                     f"rngs=nnx.Rngs({config.rng_stream}=seed) (or a default stream)"
                 ) from None
-        self._stats_roles = tuple(r for r in ROLES[:2] if config.stats and config.role(r))
+        self._stats_roles = tuple(
+            r for r in ("inputs", "weights") if config.stats and config.role(r)
+        )
         for role in self._stats_roles:
-            setattr(self, f"{role}_stats", QuantStatsVariable(empty_stats()))
-        if grad_stats_enabled(config):
-            self._stats_roles += ("output_grads",)
-            self.output_grads_stats = OutputGradStats(empty_stats())
+            setattr(self, f"{role}_stats", QuantStatsVariable(QuantStats.zeros()))
 
     def _quantized(
         self, contract: Callable[[jax.Array, jax.Array], jax.Array], lhs: jax.Array, rhs: jax.Array
     ) -> jax.Array:
-        roles = state_roles(self.config)
-        histories = {role: getattr(self, f"{role}_amax").get_value() for role in roles}
+        names = state_names(self.config)
+        state = QuantDotState(**{name: getattr(self, name).get_value() for name in names})
         key = None if self.quant_rngs is None else self.quant_rngs()
-        probe = self.output_grads_stats.get_value() if grad_stats_enabled(self.config) else None
-        y, new_histories, stats = quantized_contract(
-            contract, lhs, rhs, self.config, histories, key, probe
-        )
-        for role in roles:
-            if role != OUTPUT_GRAD_STATE:
-                getattr(self, f"{role}_amax").set_value(new_histories[role])
+        y, new_state, stats = quantized_contract(contract, lhs, rhs, self.config, state, key)
+        for role in ("inputs", "weights"):
+            if role in names:
+                getattr(self, role).set_value(getattr(new_state, role))
         for role, role_stats in stats.items():
             getattr(self, f"{role}_stats").set_value(role_stats)
         return y
 
     def quant_stats(self) -> dict[str, QuantStats]:
-        """Statistics by role: the last call's, and the output gradient's from the last helper step.
+        """Statistics by role: the forward roles' from the last call, the output gradient's
+        from the last ``quant_value_and_grad`` step. Empty unless ``config.stats``."""
+        stats = {role: getattr(self, f"{role}_stats").get_value() for role in self._stats_roles}
+        if "output_grads_stats" in state_names(self.config):
+            stats["output_grads"] = QuantStats.from_probe(self.output_grads_stats.get_value())
+        return stats
 
-        Empty unless ``config.stats``.
-        """
-        return {role: getattr(self, f"{role}_stats").get_value() for role in self._stats_roles}
+
+class QuantDotGeneral(_QuantOp):
+    """A ``dot_general`` whose operands (inputs, weights) and output gradient are quantized.
+
+    Args:
+      config: the :class:`QuantConfig` (default ``QuantConfig()``).
+      dot_general: the full-precision op that runs on the quantized operands.
+      rngs: the ``config.rng_stream`` stream for stochastic rounding.
+    """
+
+    def __init__(
+        self,
+        config: QuantConfig | None = None,
+        *,
+        dot_general: Callable[..., jax.Array] = lax.dot_general,
+        rngs: nnx.Rngs | None = None,
+    ) -> None:
+        super().__init__(config, rngs)
+        self.op = dot_general
+
+    def __call__(
+        self,
+        lhs: jax.Array,
+        rhs: jax.Array,
+        dimension_numbers: lax.DotDimensionNumbers,
+        precision: lax.PrecisionLike = None,
+        preferred_element_type: jnp.dtype | None = None,
+        **kwargs: Any,
+    ) -> jax.Array:
+        contract = contraction(
+            self.op,
+            dimension_numbers=dimension_numbers,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+            **kwargs,
+        )
+        return self._quantized(contract, lhs, rhs)
 
 
-class QuantLinear(nnx.Linear, QuantLayer):
+class QuantEinsumOp(_QuantOp):
+    """An ``einsum_op`` (``jnp.einsum``'s signature) on quantized operands."""
+
+    def __init__(
+        self,
+        config: QuantConfig | None = None,
+        *,
+        einsum_op: Callable[..., jax.Array] = jnp.einsum,
+        rngs: nnx.Rngs | None = None,
+    ) -> None:
+        super().__init__(config, rngs)
+        self.op = einsum_op
+
+    def __call__(self, subscripts: str, lhs: jax.Array, rhs: jax.Array, **kwargs: Any) -> jax.Array:
+        return self._quantized(contraction(self.op, subscripts, **kwargs), lhs, rhs)
+
+
+class QuantLinear(nnx.Linear):
     """``nnx.Linear`` with quantized inputs, kernel and output gradient.
 
     Args:
-      in_features, out_features, **kwargs: as ``nnx.Linear``.
+      in_features, out_features, **kwargs: as ``nnx.Linear`` (a given ``dot_general`` is the
+        full-precision op that runs on the quantized operands).
       config: the :class:`QuantConfig` (default ``QuantConfig()``).
       rngs: parameter initialization, and the ``config.rng_stream`` stream for stochastic
         rounding.
@@ -124,34 +188,29 @@ class QuantLinear(nnx.Linear, QuantLayer):
         out_features: int,
         *,
         config: QuantConfig | None = None,
+        dot_general: Callable[..., jax.Array] = lax.dot_general,
         rngs: nnx.Rngs,
-        **kwargs,
-    ):
-        super().__init__(in_features, out_features, rngs=rngs, **kwargs)
-        self._init_quant(QuantConfig() if config is None else config, rngs)
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(in_features, out_features, dot_general=dot_general, rngs=rngs, **kwargs)
+        # After Flax drew the parameters, so they equal nnx.Linear's for the same rngs.
+        self.dot_general = nnx.data(QuantDotGeneral(config, dot_general=dot_general, rngs=rngs))
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
-        bias = self.bias[...] if self.bias is not None else None
-        inputs, kernel, bias = self.promote_dtype(
-            (inputs, self.kernel[...], bias), dtype=self.dtype
-        )
-        contract = functools.partial(
-            lax.dot_general,
-            dimension_numbers=(((inputs.ndim - 1,), (0,)), ((), ())),
-            precision=self.precision,
-            preferred_element_type=self.preferred_element_type,
-        )
-        y = self._quantized(contract, inputs, kernel)
-        if bias is not None:
-            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-        return y
+    @property
+    def config(self) -> QuantConfig:
+        return self.dot_general.config
+
+    def quant_stats(self) -> dict[str, QuantStats]:
+        """See :meth:`QuantDotGeneral.quant_stats`."""
+        return self.dot_general.quant_stats()
 
 
-class QuantEinsum(nnx.Einsum, QuantLayer):
+class QuantEinsum(nnx.Einsum):
     """``nnx.Einsum`` with quantized input, kernel and output gradient.
 
     Args:
-      einsum_str, kernel_shape, bias_shape, **kwargs: as ``nnx.Einsum``.
+      einsum_str, kernel_shape, bias_shape, **kwargs: as ``nnx.Einsum`` (a given ``einsum_op``
+        is the full-precision op that runs on the quantized operands).
       config: the :class:`QuantConfig` (default ``QuantConfig()``).
       rngs: parameter initialization, and the stochastic-rounding stream.
     """
@@ -163,26 +222,19 @@ class QuantEinsum(nnx.Einsum, QuantLayer):
         bias_shape: tuple[int, ...] | None = None,
         *,
         config: QuantConfig | None = None,
+        einsum_op: Callable[..., jax.Array] = jnp.einsum,
         rngs: nnx.Rngs,
-        **kwargs,
-    ):
-        super().__init__(einsum_str, kernel_shape, bias_shape, rngs=rngs, **kwargs)
-        self._init_quant(QuantConfig() if config is None else config, rngs)
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            einsum_str, kernel_shape, bias_shape, einsum_op=einsum_op, rngs=rngs, **kwargs
+        )
+        self.einsum_op = nnx.data(QuantEinsumOp(config, einsum_op=einsum_op, rngs=rngs))
 
-    def __call__(self, inputs: jax.Array, einsum_str: str | None = None) -> jax.Array:
-        einsum_str = (einsum_str if einsum_str is not None else self.einsum_str).replace(" ", "")
-        self._einsum_str_check(einsum_str)
-        bias = self.bias[...] if self.bias is not None else None
-        inputs, kernel, bias = self.promote_dtype(
-            (inputs, self.kernel[...], bias), dtype=self.dtype
-        )
-        contract = functools.partial(
-            self.einsum_op,
-            einsum_str,
-            precision=self.precision,
-            preferred_element_type=self.preferred_element_type,
-        )
-        y = self._quantized(contract, inputs, kernel)
-        if bias is not None:
-            y += jnp.reshape(bias, self._infer_broadcasted_bias_shape(einsum_str, inputs, kernel))
-        return y
+    @property
+    def config(self) -> QuantConfig:
+        return self.einsum_op.config
+
+    def quant_stats(self) -> dict[str, QuantStats]:
+        """See :meth:`QuantDotGeneral.quant_stats`."""
+        return self.einsum_op.quant_stats()

@@ -1,10 +1,10 @@
 """One-call gradients for NNX models with quantized layers: loss, grads and new quant state.
 
-The output-gradient histories (:class:`OutputGradState`, delayed scaling) are differentiated
-alongside the parameters; their cotangents carry this step's output-gradient amax (see
-:mod:`altgrad_jax.quant_dot`) and are recorded into the histories here. With ``config.stats``
-the :class:`OutputGradStats` variables are differentiated too: their cotangents are the output
-gradients' statistics.
+The output-gradient entries of each layer's state (:class:`OutputGradState` histories, delayed
+scaling, and :class:`OutputGradStats` probes) are differentiated alongside the parameters; their
+cotangents carry this step's output-gradient amax and statistics (see
+:mod:`altgrad_jax.quant_dot`) and become the next state by
+:func:`altgrad_jax.quant_dot.next_entry`, the same rule Linen's helper applies.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import jax
 from flax import nnx
 
 from altgrad_jax.nnx.modules import OutputGradState, OutputGradStats, QuantState
-from altgrad_jax.quant_dot import record_output_grad_amax
-from altgrad_jax.scaling import AmaxHistory
+from altgrad_jax.quant_dot import next_entry
+from altgrad_jax.rules import path_str
 
 __all__ = ["quant_value_and_grad"]
 
@@ -34,24 +34,26 @@ def quant_value_and_grad(fun: Callable[..., Any], has_aux: bool = False) -> Call
       parameters, ``quant_state`` the new ``nnx.state(model, QuantState)``. As with
       ``nnx.value_and_grad``, the model's non-parameter state (histories, RNG counts, stats) is
       updated to what the forward and backward passes produced, including the output-gradient
-      statistics.
+      entries.
     """
-    diff = nnx.DiffState(0, nnx.Any(nnx.Param, OutputGradState, OutputGradStats))
+    backward = nnx.Any(OutputGradState, OutputGradStats)
+    diff = nnx.DiffState(0, nnx.Any(nnx.Param, backward))
     value_and_grad = nnx.value_and_grad(fun, argnums=diff, has_aux=has_aux, allow_int=True)
 
     def wrapped(model: nnx.Module, *args, **kwargs):
-        grad_state = nnx.state(model, OutputGradState)
+        forward_state = nnx.state(model, backward)
         value, all_grads = value_and_grad(model, *args, **kwargs)
-        grads, grad_cotangent, grad_stats = nnx.split_state(
-            all_grads, nnx.Param, OutputGradState, OutputGradStats
+        grads, cotangents = nnx.split_state(all_grads, nnx.Param, backward)
+
+        def advance(path, forward: nnx.Variable, cotangent: nnx.Variable) -> nnx.Variable:
+            name = path_str(path).rsplit("/", 1)[-1]
+            return forward.replace(next_entry(name, forward.get_value(), cotangent.get_value()))
+
+        is_variable = lambda n: isinstance(n, nnx.Variable)  # noqa: E731
+        new_state = jax.tree_util.tree_map_with_path(
+            advance, forward_state, cotangents, is_leaf=is_variable
         )
-        new_grad_state = jax.tree.map(
-            record_output_grad_amax,
-            grad_state,
-            grad_cotangent,
-            is_leaf=lambda n: isinstance(n, AmaxHistory),
-        )
-        nnx.update(model, new_grad_state, grad_stats)
+        nnx.update(model, new_state)
         return value, grads, nnx.state(model, QuantState)
 
     return wrapped
