@@ -301,7 +301,11 @@ def run_sweep(
                 jax.jit(lambda f, rule=rule: init_state(model, rule, train_config, f, config.seed)),
                 jax.jit(make_train_chunk(model, rule, train_config, chunk_len)),
                 jax.jit(make_train_chunk(model, rule, train_config, config.steps % chunk_len or 1)),
-                jax.jit(lambda p, f, x, y, rule=rule: evaluate(model, rule, p, f, x, y)),
+                jax.jit(
+                    lambda p, q, f, x, y, rule=rule: evaluate(
+                        model, rule, p, f, x, y, quant_state=q
+                    )
+                ),
             )
         init_fn, chunk, tail_chunk, evaluate_fn = programs[rule_name]
         fmt = format_params(get_format(fmt_name or "E4M3")).as_arrays()
@@ -326,7 +330,9 @@ def run_sweep(
                 break
             done += n
             eval_steps.append(done)
-            val_losses.append(float(evaluate_fn(state.params, fmt, val_inputs, val_targets)))
+            val_losses.append(
+                float(evaluate_fn(state.params, state.quant_state, fmt, val_inputs, val_targets))
+            )
         results.append(
             _summarise(
                 fmt_name,

@@ -1,7 +1,8 @@
 """The train step of the sweep, with the format as a traced value.
 
-One step samples a batch, runs the quantized model forward and backward, lets the optimizer
-propose an update ``u``, lets the update rule store the weights on the format's grid
+One step samples a batch, runs the model forward and backward with every dense layer quantized by
+the library's own rules (:func:`dense_rules`, :func:`altgrad_jax.linen.quant_rules`), lets the
+optimizer propose an update ``u``, lets the update rule store the weights on the format's grid
 (:func:`altgrad_jax.optim.low_precision_storage`; the float32 baseline keeps plain weights), and
 measures what the format did to the step: bit-stall, flips, saturation and underflow, and the
 histogram of ``|u| / ulp(w)``. A chunk of steps runs as one ``lax.scan``.
@@ -26,26 +27,24 @@ import numpy as np
 import optax
 
 from altgrad_jax import optim
+from altgrad_jax.config import QuantConfig, TensorQuant
 from altgrad_jax.formats import FloatFormat, FormatParams
-from altgrad_jax.optim import (
-    HISTOGRAM_LABELS,
-    LowPrecisionState,
-    landed_stats,
-    monitor_stall,
-    stall_stats,
-)
+from altgrad_jax.linen import QUANT_STATE, QUANT_STATS, quant_rules, quant_value_and_grad
+from altgrad_jax.optim import HISTOGRAM_LABELS, landed_stats, monitor_stall, stall_stats
+from altgrad_jax.quant_dot import QuantStats
+from altgrad_jax.rules import PathRules
 
 from .data import sample_batch
-from .model import NUM_STATS, CharTransformer, Quant
+from .model import CharTransformer
 
 __all__ = [
     "RunState",
     "TrainConfig",
     "UpdateRule",
+    "dense_rules",
     "evaluate",
     "init_state",
     "make_train_chunk",
-    "storage_scales",
     "validation_batches",
 ]
 
@@ -94,35 +93,56 @@ class RunState(NamedTuple):
     """Everything a run carries from step to step."""
 
     params: Any
+    quant_state: Any
     opt_state: Any
     storage_state: Any
     key: jax.Array
 
 
-def storage_scales(storage_state: Any) -> Any:
-    """The per-leaf scales of the grid the stored weights live on (from the storage state)."""
-    found = jax.tree_util.tree_leaves(
-        storage_state, is_leaf=lambda node: isinstance(node, LowPrecisionState)
-    )
-    states = [node for node in found if isinstance(node, LowPrecisionState)]
-    if len(states) != 1:
-        raise ValueError(f"expected one low_precision_storage state, found {len(states)}")
-    return states[0].scale
+# The statistics rows the sweep reports: [entries, nonzero, underflowed, saturated].
+_REPORTED_STATS = 4
 
 
-def _loss(model: CharTransformer, params, inputs, targets, q: Quant | None):
-    logits, state = model.apply({"params": params}, inputs, q, mutable=["qstats"])
+def dense_rules(fmt: Fmt) -> PathRules:
+    """Every dense layer's activations and output gradients in ``fmt``, with current per-tensor
+    scaling (``scale = max|x| * 1.01 / max_value``, a history of one), statistics on. Weights
+    are not quantized in the forward pass: the storage keeps them on the grid already, and
+    rounding them again would be a no-op at best."""
+    role = TensorQuant(fmt, history_len=1)
+    return PathRules((), default=QuantConfig(role, None, role, stats=True))
+
+
+def _loss(model: CharTransformer, params, quant_state, inputs, targets, rules):
+    variables = {"params": params, QUANT_STATE: quant_state}
+    with quant_rules(rules):
+        logits, state = model.apply(variables, inputs, mutable=[QUANT_STATE, QUANT_STATS])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-    return loss, state.get("qstats", {})
+    return loss, (state.get(QUANT_STATE, {}), state.get(QUANT_STATS, {}))
 
 
-def _sum_sown(qstats, name: str) -> jax.Array:
-    """Sums the statistics vectors sown under ``name`` anywhere in the collection."""
-    total = jnp.zeros((NUM_STATS,), jnp.float32)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(qstats)[0]:
-        if any(getattr(entry, "key", None) == name for entry in path):
-            total = total + leaf
-    return total
+def _summed(stats_by_layer: list[QuantStats]) -> jax.Array:
+    """The reported counts of the sum of ``stats_by_layer``, as float32."""
+    total = sum(stats_by_layer[1:], stats_by_layer[0])
+    return total.counts[:_REPORTED_STATS].astype(jnp.float32)
+
+
+def _sown_stats(quant_stats, role: str) -> list[QuantStats]:
+    """Every :class:`QuantStats` sown for ``role`` anywhere in the ``quant_stats`` collection."""
+    is_stats = lambda node: isinstance(node, QuantStats)  # noqa: E731
+    return [
+        leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(quant_stats, is_leaf=is_stats)[0]
+        if any(getattr(entry, "key", None) == role for entry in path)
+    ]
+
+
+def _grad_stats(quant_state) -> list[QuantStats]:
+    """The output-gradient statistics of every layer, from the state after a train step."""
+    return [
+        QuantStats.from_probe(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(quant_state)[0]
+        if getattr(path[-1], "key", None) == "output_grads_stats"
+    ]
 
 
 def _stored_vectors(params, new_params, updates, new_scales):
@@ -187,14 +207,17 @@ def init_state(
     """
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
     dummy = jnp.zeros((1, model.config.context), jnp.int32)
-    params = model.init(init_key, dummy)["params"]
+    with quant_rules(dense_rules(fmt) if rule.quantized else PathRules()):
+        variables = model.init(init_key, dummy)
+    params, quant_state = variables["params"], variables.get(QUANT_STATE, {})
     storage_state = ()
     if rule.storage is not None:
         storage = rule.storage(fmt)
         zero = jax.tree_util.tree_map(jnp.zeros_like, params)
         delta, storage_state = storage.update(zero, storage.init(params), params)
         params = optim.apply_updates(params, delta, storage_state)
-    return RunState(params, _optimizer(rule, fmt, config).init(params), storage_state, data_key)
+    opt_state = _optimizer(rule, fmt, config).init(params)
+    return RunState(params, quant_state, opt_state, storage_state, data_key)
 
 
 def make_train_chunk(
@@ -214,16 +237,17 @@ def make_train_chunk(
     def step(state: RunState, fmt: Fmt, tokens: jax.Array):
         key, batch_key = jax.random.split(state.key)
         inputs, targets = sample_batch(tokens, batch_key, config.batch_size, model.config.context)
-        probe = jnp.zeros((NUM_STATS,), jnp.float32)
+        rules = dense_rules(fmt) if rule.quantized else PathRules()
 
-        def loss_fn(params, probe):
-            # Stored weights are on the grid already, so only activations and gradients round.
-            q = Quant(fmt, probe, weights=False) if rule.quantized else None
-            return _loss(model, params, inputs, targets, q)
+        def loss_fn(params, quant_state):
+            loss, (new_state, quant_stats) = _loss(
+                model, params, quant_state, inputs, targets, rules
+            )
+            return loss, (new_state, quant_stats)
 
-        (loss, qstats), (grads, grad_stats) = jax.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True
-        )(state.params, probe)
+        (loss, quant_stats), grads, quant_state = quant_value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.quant_state
+        )
         updates, opt_state = _optimizer(rule, fmt, config).update(
             grads, state.opt_state, state.params
         )
@@ -233,17 +257,18 @@ def make_train_chunk(
             )
             params = optim.apply_updates(state.params, stored, storage_state)
             flips, weights = _storage_metrics(
-                state.params, params, updates, storage_scales(storage_state), fmt
+                state.params, params, updates, storage_state.scale, fmt
             )
             monitored = stall_stats(opt_state).last
             stall, hist = monitored.stall_rate, monitored.histogram.to_float()
             landed = landed_stats(storage_state).run_ratio
-            activations = _sum_sown(qstats, "activations")
+            activations = _summed(_sown_stats(quant_stats, "inputs"))
+            gradients = _summed(_grad_stats(quant_state))
         else:
             storage_state = state.storage_state
             params = optax.apply_updates(state.params, updates)
             stall = flips = landed = jnp.float32(jnp.nan)
-            weights = activations = grad_stats = jnp.full((NUM_STATS,), jnp.nan, jnp.float32)
+            weights = activations = gradients = jnp.full((_REPORTED_STATS,), jnp.nan, jnp.float32)
             hist = jnp.zeros((len(HISTOGRAM_LABELS),), jnp.float32)
         finite = jnp.isfinite(loss)
         for leaf in jax.tree_util.tree_leaves(params):
@@ -255,11 +280,11 @@ def make_train_chunk(
             "landed_ratio": landed,
             "weights": weights,
             "activations": activations,
-            "gradients": grad_stats,
+            "gradients": gradients,
             "hist": hist,
             "finite": finite,
         }
-        return RunState(params, opt_state, storage_state, key), metrics
+        return RunState(params, quant_state, opt_state, storage_state, key), metrics
 
     def chunk(state: RunState, fmt: Fmt, tokens: jax.Array):
         return jax.lax.scan(lambda s, _: step(s, fmt, tokens), state, None, length=steps)
@@ -274,12 +299,15 @@ def evaluate(
     fmt: Fmt,
     inputs: jax.Array,
     targets: jax.Array,
+    *,
+    quant_state: Any,
 ) -> jax.Array:
-    """Mean validation loss over fixed batches ``inputs, targets`` ``[n, batch, length]``."""
-    q = Quant(fmt, jnp.zeros((NUM_STATS,), jnp.float32), weights=False) if rule.quantized else None
+    """Mean validation loss over fixed batches ``inputs, targets`` ``[n, batch, length]``, with
+    the run's quantization (``quant_state`` from its :class:`RunState`; nothing advances)."""
+    rules = dense_rules(fmt) if rule.quantized else PathRules()
 
     def one(_, batch):
-        loss, _stats = _loss(model, params, batch[0], batch[1], q)
+        loss, _ = _loss(model, params, quant_state, batch[0], batch[1], rules)
         return None, loss
 
     return jax.lax.scan(one, None, (inputs, targets))[1].mean()

@@ -1,0 +1,45 @@
+"""The sweep's numbers are those of the model before it was quantized by the library's layers.
+
+``golden/synthetic_sweep.json`` was written by the sweep when ``experiments/model.py`` still had a
+quantized dense layer, VJPs and statistics of its own (before they moved into
+:mod:`altgrad_jax.quant_dot` and the model became plain Flax quantized by rules). Every number of
+every run must stay the same, bit for bit (JSON floats round-trip float32 exactly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from altgrad_jax.experiments import data
+from altgrad_jax.experiments.sweep import SweepConfig, run_sweep
+
+GOLDEN = Path(__file__).parent / "golden" / "synthetic_sweep.json"
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return json.loads(GOLDEN.read_text())
+
+
+def _config(golden, **changes) -> SweepConfig:
+    fields = {f.name for f in dataclasses.fields(SweepConfig)}
+    kept = {k: tuple(v) if isinstance(v, list) else v for k, v in golden["config"].items()}
+    return SweepConfig(**{k: v for k, v in {**kept, **changes}.items() if k in fields})
+
+
+def test_sweep_reproduces_the_pre_refactor_numbers_bit_for_bit(golden):
+    # Two formats and two rules keep the test short; runs do not depend on each other.
+    config = _config(golden, formats=("E4M3", "E7M0"), rules=("nearest", "ulp"))
+    corpus = data.make_corpus(data.synthetic_text(4000), "synthetic")
+    result = run_sweep(config, corpus)
+    expected = {(r["format"], r["rule"]): r for r in golden["runs"]}
+    assert len(result.runs) == 5
+    for run in result.runs:
+        want = expected[(run.format, run.rule)]
+        got = dataclasses.asdict(run)
+        for name, value in want.items():
+            assert got[name] == value, (run.label, name)
