@@ -54,16 +54,14 @@ from altgrad_jax.formats import FloatFormat, FormatParams, as_params
 from altgrad_jax.quantize import quantize
 from altgrad_jax.scaling import AmaxHistory, compute_scale, scale_and_update
 
+# The adapters (linen/, nnx/) also use initial_entry, next_entry and state_names.
 __all__ = [
     "STAT_NAMES",
     "QuantDotState",
     "QuantStats",
-    "initial_entry",
-    "next_entry",
     "next_state",
     "quantize_output_grad",
     "quantized_contract",
-    "state_names",
     "tensor_stats",
 ]
 
