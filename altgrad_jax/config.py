@@ -20,7 +20,7 @@ from altgrad_jax._checks import (
     check_str,
 )
 from altgrad_jax.bits import ROUNDING_MODES, Rounding
-from altgrad_jax.formats import FloatFormat, FormatLike, FormatParams, get_format
+from altgrad_jax.formats import BlockFormat, FloatFormat, FormatLike, FormatParams, get_format
 from altgrad_jax.scaling import (
     AMAX_ALGORITHMS,
     DEFAULT_MARGIN,
@@ -73,6 +73,11 @@ class TensorQuant:
         check_positive_int("history_len", self.history_len)
         check_positive_float("margin", self.margin)
         check_positive_float("scale_min", self.scale_min)
+        if isinstance(self.format, BlockFormat) and self.scaling != "current":
+            raise ValueError(
+                f"{self.format.name} scales every block from its own amax (current scaling); "
+                f"scaling={self.scaling!r} is for per-tensor formats"
+            )
 
 
 RoleSpec = TensorQuant | FormatLike | None
@@ -81,7 +86,7 @@ RoleSpec = TensorQuant | FormatLike | None
 def _as_tensor_quant(role: str, spec: RoleSpec) -> TensorQuant | None:
     if spec is None or isinstance(spec, TensorQuant):
         return spec
-    if isinstance(spec, (str, FloatFormat, FormatParams)):
+    if isinstance(spec, (str, FloatFormat, BlockFormat, FormatParams)):
         return TensorQuant(spec)
     raise TypeError(
         f"QuantConfig.{role} must be a TensorQuant, a format (name or FloatFormat) or None, "

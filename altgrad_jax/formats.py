@@ -24,7 +24,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import TYPE_CHECKING, NamedTuple
+import typing
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     import jax
 
 __all__ = [
+    "BLOCK_FORMATS",
+    "SCALE_RULES",
+    "BlockFormat",
     "FloatFormat",
     "FormatLike",
     "FormatParams",
@@ -128,6 +132,11 @@ class FloatFormat:
     def total_bits(self) -> int:
         """Bits in one code: sign (if signed) + exponent + mantissa."""
         return int(self.signed) + self.exponent_bits + self.mantissa_bits
+
+    @property
+    def is_power_of_two(self) -> bool:
+        """Whether every nonzero value is a power of two (no mantissa bits, as E8M0)."""
+        return self.mantissa_bits == 0 and self.exponent_bits > 0
 
     @property
     def is_fixed_point(self) -> bool:
@@ -248,7 +257,7 @@ E8M0 = FloatFormat("E8M0", 8, 0, 127, has_nan=True, signed=False, has_zero=False
 
 EIGHT_BIT_FORMATS: tuple[FloatFormat, ...] = (E0M7, E1M6, E2M5, E3M4, E4M3, E5M2, E6M1, E7M0)
 
-_REGISTRY: dict[str, FloatFormat] = {}
+_REGISTRY: dict[str, FloatFormat | BlockFormat] = {}
 _ALIASES: dict[str, str] = {}
 
 
@@ -256,7 +265,9 @@ def _normalize(name: str) -> str:
     return name.strip().upper().replace("-", "_")
 
 
-def register_format(fmt: FloatFormat, aliases: tuple[str, ...] = ()) -> FloatFormat:
+def register_format(
+    fmt: FloatFormat | BlockFormat, aliases: tuple[str, ...] = ()
+) -> FloatFormat | BlockFormat:
     """Adds ``fmt`` to the registry under its name and ``aliases``; returns it."""
     key = _normalize(fmt.name)
     existing = _REGISTRY.get(key)
@@ -279,9 +290,9 @@ for _fmt, _aliases in (
     (E7M0, ("FP8_E7M0",)),
     (FP16, ("FLOAT16", "HALF", "E5M10")),
     (BF16, ("BFLOAT16", "E8M7")),
-    (E2M1, ("FP4_E2M1", "MXFP4", "FLOAT4_E2M1FN")),
-    (E2M3, ("FP6_E2M3", "MXFP6_E2M3", "FLOAT6_E2M3FN")),
-    (E3M2, ("FP6_E3M2", "MXFP6_E3M2", "FLOAT6_E3M2FN")),
+    (E2M1, ("FP4_E2M1", "FLOAT4_E2M1FN")),
+    (E2M3, ("FP6_E2M3", "FLOAT6_E2M3FN")),
+    (E3M2, ("FP6_E3M2", "FLOAT6_E3M2FN")),
     (E8M0, ("E8M0FNU", "FLOAT8_E8M0FNU")),
 ):
     register_format(_fmt, _aliases)
@@ -292,13 +303,13 @@ def list_formats() -> tuple[str, ...]:
     return tuple(fmt.name for fmt in _REGISTRY.values())
 
 
-def get_format(name: str | FloatFormat) -> FloatFormat:
+def get_format(name: str | FloatFormat | BlockFormat) -> FloatFormat | BlockFormat:
     """Looks a format up by name, case-insensitively ("E4M3", "e4m3", "FP8_E4M3").
 
     A :class:`FloatFormat` is returned as is, so APIs can accept either. Raises ``ValueError``
     listing the known names when ``name`` is unknown.
     """
-    if isinstance(name, FloatFormat):
+    if isinstance(name, (FloatFormat, BlockFormat)):
         return name
     if not isinstance(name, str):
         raise TypeError(f"format must be a name or a FloatFormat, got {type(name).__name__}")
@@ -322,6 +333,8 @@ def grid(fmt: FloatFormat | str, *, negative: bool = True) -> np.ndarray:
     Only for formats of at most 16 bits (a 65536-entry grid); larger ones raise ``ValueError``.
     """
     fmt = get_format(fmt)
+    if isinstance(fmt, BlockFormat):
+        fmt = fmt.element  # the grid of one block at unit scale
     if fmt.total_bits > 16:
         raise ValueError(f"grid of {fmt.name} would have 2**{fmt.total_bits} entries; max 16 bits")
     positive = _positive_grid(fmt)
@@ -331,12 +344,26 @@ def grid(fmt: FloatFormat | str, *, negative: bool = True) -> np.ndarray:
     return positive.copy()
 
 
-def format_table(formats: tuple[FloatFormat | str, ...] | None = None) -> str:
-    """A plain-text table of formats: bits, bias, range and number of codes."""
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    rows = [header, *rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.rjust(w) if i else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def format_table(formats: tuple[FloatFormat | BlockFormat | str, ...] | None = None) -> str:
+    """A plain-text table of formats: bits, bias, range and number of codes; block formats
+    follow in a second table (element, block shape, scale format and rule)."""
     fmts = [get_format(f) for f in formats] if formats else list(_REGISTRY.values())
-    header = ("name", "E", "M", "bias", "max", "min normal", "min subnormal", "codes", "special")
-    rows = [header]
-    for f in fmts:
+    rows = []
+    for f in (f for f in fmts if isinstance(f, FloatFormat)):
         special = "inf+nan" if f.has_inf else ("nan" if f.has_nan else "-")
         if not f.signed:
             special += ", unsigned"
@@ -353,15 +380,24 @@ def format_table(formats: tuple[FloatFormat | str, ...] | None = None) -> str:
                 special,
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.rjust(w) if i else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+    header = ("name", "E", "M", "bias", "max", "min normal", "min subnormal", "codes", "special")
+    lines = _table(header, rows) if rows else []
+    blocks = [
+        (
+            f.name,
+            f.element.name,
+            "x".join(map(str, f.block_shape)),
+            "float32" if f.scale_format is None else f.scale_format.name,
+            f.scale_rule,
+            "float32" if f.tensor_scale else "-",
+            f"{f.element.max_value:.6g}",
         )
-        for row in rows
+        for f in fmts
+        if isinstance(f, BlockFormat)
     ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    if blocks:
+        header = ("block format", "element", "block", "scale", "rule", "tensor scale", "max")
+        lines += ([""] if lines else []) + _table(header, blocks)
     return "\n".join(lines)
 
 
@@ -461,3 +497,141 @@ def stack_format_params(formats: tuple[FloatFormat | str, ...]) -> FormatParams:
 
     per_format = [format_params(get_format(f)).as_arrays() for f in formats]
     return FormatParams(*(jnp.stack(field) for field in zip(*per_format, strict=True)))
+
+
+# ------------------------------------------------------------------------- block formats
+ScaleRule = Literal["floor", "ceil", "rceil", "even", "nearest"]
+SCALE_RULES: tuple[str, ...] = typing.get_args(ScaleRule)
+# Rules of power-of-two scale formats (E8M0), and of scale formats with mantissa bits (E4M3).
+_POW2_RULES = ("floor", "ceil", "rceil", "even")
+_MANTISSA_RULES = ("nearest", "rceil")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockFormat:
+    """A block-scaled (microscaling) format: elements of one format sharing a scale per block.
+
+    Consecutive ``block_size`` elements along one axis (or ``(rows, cols)`` tiles over two axes)
+    share a scale in ``scale_format`` (OCP MX: E8M0, a power of two), chosen from the block's
+    amax by ``scale_rule``; ``scale_format=None`` keeps float32 scales ``amax / max``
+    (DeepSeek-V3's FP8 recipe). With ``tensor_scale`` a float32 scale for the whole tensor comes
+    first and the block scales are relative to it (NVFP4). Semantics of the rules and of edge
+    cases: :mod:`altgrad_jax.blocks`.
+
+    Args:
+      name: display and registry name.
+      element: the element :class:`FloatFormat` (or its name).
+      block_size: elements per block (int), or a 2-D tile ``(rows, cols)``.
+      scale_format: a :class:`FloatFormat` for the block scales (or its name), or None for
+        float32 scales.
+      scale_rule: for power-of-two scale formats "floor" (OCP MX v1.0), "ceil", "rceil" (the
+        smallest power of two that does not saturate, the default) or "even" (amax rounded to
+        the element's mantissa first); for scale formats with mantissa bits "nearest" (the
+        NVFP4 recipe) or "rceil" (rounded up, never saturates); float32 scales take "rceil".
+      tensor_scale: a float32 per-tensor scale ``amax / (scale_max * element_max)`` above the
+        block scales (NVFP4's two levels).
+
+    References:
+      OCP Microscaling Formats (MX) Specification v1.0, 2023. NVIDIA, "Pretraining Large
+      Language Models with NVFP4", 2025. DeepSeek-AI, "DeepSeek-V3 Technical Report", 2024.
+    """
+
+    name: str
+    element: FloatFormat | str
+    block_size: int | tuple[int, ...] = 32
+    scale_format: FloatFormat | str | None = "E8M0"
+    scale_rule: ScaleRule = "rceil"
+    tensor_scale: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"block format name must be a non-empty string, got {self.name!r}")
+        element = get_format(self.element)
+        if not isinstance(element, FloatFormat):
+            raise ValueError(f"{self.name}: element must be a FloatFormat, got {element!r}")
+        object.__setattr__(self, "element", element)
+        size = self.block_size
+        shape = size if isinstance(size, tuple) else (size,)
+        if not 1 <= len(shape) <= 2 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape
+        ):
+            raise ValueError(
+                f"{self.name}: block_size must be a positive int or a (rows, cols) tile of "
+                f"positive ints, got {size!r}"
+            )
+        scale = self.scale_format
+        if scale is not None:
+            scale = get_format(scale)
+            if not isinstance(scale, FloatFormat):
+                raise ValueError(f"{self.name}: scale_format must be a FloatFormat or None")
+            object.__setattr__(self, "scale_format", scale)
+        if not isinstance(self.tensor_scale, bool):
+            raise TypeError(f"{self.name}: tensor_scale must be True or False")
+        rules = self.scale_rules
+        if self.scale_rule not in rules:
+            raise ValueError(
+                f"{self.name}: unknown scale_rule {self.scale_rule!r} for "
+                f"{'float32' if scale is None else scale.name} scales; expected one of "
+                f"{', '.join(repr(r) for r in rules)}"
+            )
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """``(block_size,)`` for 1-D blocks, ``(rows, cols)`` for tiles."""
+        size = self.block_size
+        return size if isinstance(size, tuple) else (size,)
+
+    @property
+    def scale_rules(self) -> tuple[str, ...]:
+        """The scale rules this block format's scale format can take."""
+        if self.scale_format is None:
+            return ("rceil",)
+        return _POW2_RULES if self.scale_format.is_power_of_two else _MANTISSA_RULES
+
+    @property
+    def max_value(self) -> float:
+        """The largest element magnitude at unit scale."""
+        return self.element.max_value
+
+    @property
+    def bits_per_element(self) -> float:
+        """Storage per element: the element's bits plus its share of the block scale."""
+        scale_bits = 32 if self.scale_format is None else self.scale_format.total_bits
+        return self.element.total_bits + scale_bits / math.prod(self.block_shape)
+
+    def replace(self, **changes) -> BlockFormat:
+        """A copy with fields changed, e.g. ``MXFP4.replace(scale_rule="floor")``."""
+        return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:
+        scale = "float32" if self.scale_format is None else self.scale_format.name
+        extra = ", tensor scale" if self.tensor_scale else ""
+        block = "x".join(map(str, self.block_shape))
+        return (
+            f"BlockFormat({self.name}: {self.element.name} x {block}, {scale} scales "
+            f"({self.scale_rule}){extra})"
+        )
+
+
+MXFP8_E4M3 = BlockFormat("MXFP8_E4M3", E4M3)
+MXFP8_E5M2 = BlockFormat("MXFP8_E5M2", E5M2)
+MXFP6_E2M3 = BlockFormat("MXFP6_E2M3", E2M3)
+MXFP6_E3M2 = BlockFormat("MXFP6_E3M2", E3M2)
+MXFP4 = BlockFormat("MXFP4", E2M1)
+NVFP4 = BlockFormat("NVFP4", E2M1, 16, E4M3, "nearest", tensor_scale=True)
+# DeepSeek-V3's FP8 recipe: float32 scales per 1 x 128 activation tile and 128 x 128 weight block.
+FP8_E4M3_1X128 = BlockFormat("FP8_E4M3_1x128", E4M3, 128, None)
+FP8_E4M3_128X128 = BlockFormat("FP8_E4M3_128x128", E4M3, (128, 128), None)
+
+BLOCK_FORMATS: tuple[BlockFormat, ...] = (
+    MXFP8_E4M3,
+    MXFP8_E5M2,
+    MXFP6_E2M3,
+    MXFP6_E3M2,
+    MXFP4,
+    NVFP4,
+    FP8_E4M3_1X128,
+    FP8_E4M3_128X128,
+)
+for _fmt in BLOCK_FORMATS:
+    register_format(_fmt)

@@ -41,22 +41,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from altgrad_jax._pytree import pytree_dataclass
 from altgrad_jax.bits import _as_f32
+from altgrad_jax.blocks import block_amax, block_scales, normalize_axes
 from altgrad_jax.config import ROLES, QuantConfig, TensorQuant
-from altgrad_jax.formats import FloatFormat, FormatParams, as_params
+from altgrad_jax.formats import BlockFormat, FloatFormat, FormatParams, as_params, format_params
 from altgrad_jax.quantize import quantize
 from altgrad_jax.scaling import AmaxHistory, compute_scale, scale_and_update
 
 # The adapters (linen/, nnx/) also use initial_entry, next_entry and state_names.
 __all__ = [
     "STAT_NAMES",
+    "ContractionAxes",
     "QuantDotState",
     "QuantStats",
     "next_state",
@@ -66,7 +70,7 @@ __all__ = [
 ]
 
 # The counts of a QuantStats, in order. ``nonfinite_amax`` counts tensors (not entries) whose
-# amax was inf or NaN.
+# amax was inf or NaN; the block counts are zero for per-tensor formats.
 STAT_NAMES: tuple[str, ...] = (
     "entries",
     "nonzero",
@@ -75,6 +79,9 @@ STAT_NAMES: tuple[str, ...] = (
     "subnormal",
     "nan",
     "nonfinite_amax",
+    "blocks",
+    "saturated_blocks",
+    "flushed_blocks",
 )
 _NUM_STATS = len(STAT_NAMES)
 _HALF = 1 << 16
@@ -88,8 +95,10 @@ class QuantStats:
       counts: uint32 ``[len(STAT_NAMES)]``: entries; nonzero entries; nonzero entries that became
         zero (underflow); entries with ``|x / scale| > max_value`` (saturated: clamped, or inf);
         nonzero results below the format's smallest normal (subnormal); NaN entries; and how
-        many tensors had a non-finite amax.
-      scale: float32, the scale used (for sums: the largest one).
+        many tensors had a non-finite amax; for block formats also the number of blocks, of
+        blocks with a saturated element (only the "floor" rule saturates) and of nonzero
+        blocks that became all zero (flushed).
+      scale: float32, the scale used (for sums and block formats: the largest one).
 
     ``a + b`` adds the counts (layers, steps); the rates are properties.
     """
@@ -132,6 +141,16 @@ class QuantStats:
     def nan(self) -> jax.Array:
         """Fraction of entries that are NaN."""
         return self._rate("nan", "entries")
+
+    @property
+    def saturated_blocks(self) -> jax.Array:
+        """Fraction of blocks with a saturated element (block formats)."""
+        return self._rate("saturated_blocks", "blocks")
+
+    @property
+    def flushed_blocks(self) -> jax.Array:
+        """Fraction of blocks flushed to zero (block formats)."""
+        return self._rate("flushed_blocks", "blocks")
 
     def to_probe(self) -> jax.Array:
         """The counts as float32 16-bit halves (exact through float32 cotangent sums) + scale."""
@@ -183,9 +202,40 @@ def tensor_stats(x: jax.Array, q: jax.Array, params: FormatParams, scale: jax.Ar
             count((q32 != 0) & (jnp.abs(q32) < _min_normal(params) * scale)),
             count(jnp.isnan(x32)),
             (~jnp.isfinite(amax)).astype(jnp.uint32),
+            jnp.uint32(0),
+            jnp.uint32(0),
+            jnp.uint32(0),
         ]
     )
-    return QuantStats(counts, scale)
+    return QuantStats(counts, jnp.max(scale, initial=0.0))
+
+
+def block_stats(x: jax.Array, q: jax.Array, fmt: BlockFormat, axis: int) -> QuantStats:
+    """:class:`QuantStats` of ``q = quantize(x, fmt, axis=axis)`` (1-D blocks along ``axis``,
+    or tiles over the last two axes), block counts included."""
+    scales = block_scales(x, fmt, axis=None if len(fmt.block_shape) == 2 else axis)
+    axes = normalize_axes(fmt, x.ndim, None if len(fmt.block_shape) == 2 else axis)
+    expanded = scales
+    for a, size in zip(axes, fmt.block_shape, strict=True):
+        expanded = jnp.repeat(expanded, size, axis=a)[
+            tuple(slice(0, x.shape[d]) if d == a else slice(None) for d in range(x.ndim))
+        ]
+    params = format_params(fmt.element)
+    stats = tensor_stats(x, q, params, jnp.where(jnp.isfinite(expanded), expanded, 1.0))
+    x32 = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+    q32 = jax.lax.stop_gradient(jnp.asarray(q, jnp.float32))
+    saturated = jnp.abs(x32 * (1 / expanded)) > params.max_value
+    any_saturated = block_amax(saturated.astype(jnp.float32), fmt, axes) > 0
+    nonzero_block = block_amax(x32, fmt, axes) > 0
+    flushed = nonzero_block & (block_amax(q32, fmt, axes) == 0)
+    extra = jnp.stack(
+        [
+            jnp.uint32(scales.size),
+            jnp.sum(any_saturated, dtype=jnp.uint32),
+            jnp.sum(flushed, dtype=jnp.uint32),
+        ]
+    )
+    return QuantStats(stats.counts.at[-3:].set(extra), jnp.max(scales, initial=0.0))
 
 
 @pytree_dataclass
@@ -217,8 +267,9 @@ class QuantDotState:
 
 
 def state_names(config: QuantConfig) -> tuple[str, ...]:
-    """The :class:`QuantDotState` fields ``config`` uses, in field order."""
-    names = [r for r in ROLES[:2] if config.role(r) is not None]
+    """The :class:`QuantDotState` fields ``config`` uses, in field order (block formats keep
+    no history: their scales come from the blocks of each tensor)."""
+    names = [r for r in ROLES[:2] if config.role(r) is not None and not _is_block(config.role(r))]
     grads = config.output_grads
     if grads is not None and grads.scaling == "delayed":
         names.append("output_grads")
@@ -344,8 +395,14 @@ def quantized_contract(
     config: QuantConfig,
     state: QuantDotState,
     key: jax.Array | None,
+    axes: ContractionAxes | Callable[[], ContractionAxes] | None = None,
 ) -> tuple[jax.Array, QuantDotState, dict[str, QuantStats]]:
     """``contract`` on quantized operands, with the output gradient quantized in the backward.
+
+    With a block format in any role, each of the three GEMMs of training quantizes its own
+    operands from the high-precision tensors along *its* contraction axes (``axes``): forward
+    x and W along K; input gradient dY and W along N; weight gradient x and dY along the
+    tokens. Per-tensor roles are quantized once and shared by the GEMMs that use them.
 
     Args:
       contract: the full-precision op, e.g. ``partial(lax.dot_general, dimension_numbers=...)``.
@@ -353,6 +410,8 @@ def quantized_contract(
       config: the quantization config (policy static, formats static or traced).
       state: the layer's :class:`QuantDotState` (as from :meth:`QuantDotState.create`).
       key: PRNG key, required when a role rounds stochastically.
+      axes: the contraction's :class:`ContractionAxes` (or a function giving them), needed by
+        block formats only; the library's layers pass them.
 
     Returns:
       ``(y, new_state, stats)``: ``new_state`` has the forward histories advanced (the
@@ -360,6 +419,13 @@ def quantized_contract(
       ``stats`` holds the forward roles' :class:`QuantStats` when ``config.stats``.
     """
     keys = role_keys(config, key)
+    if any(_is_block(config.role(r)) for r in ROLES):
+        if axes is None:
+            raise ValueError(
+                "block formats quantize along the contraction axes of each GEMM; this op did "
+                "not say which they are (use the library's layers, or pass axes=)"
+            )
+        return _block_contract(contract, lhs, rhs, config, state, keys, axes)
     changes: dict[str, AmaxHistory] = {}
     stats: dict[str, QuantStats] = {}
     operands = {"inputs": lhs, "weights": rhs}
@@ -377,6 +443,192 @@ def quantized_contract(
     y = quantize_output_grad(
         y, config.output_grads, state.output_grads, keys["output_grads"], state.output_grads_stats
     )
+    return y, dataclasses.replace(state, **changes), stats
+
+
+# ----------------------------------------------------------------------------- block formats
+class ContractionAxes(NamedTuple):
+    """Which axes a bilinear op contracts, so block formats can block along them.
+
+    ``lhs``/``rhs`` are the operands' contracted axes; ``out_lhs``/``out_rhs`` the output axes
+    that come from the operands' free axes (the "tokens" and the output features). Batch axes
+    (shared by both operands and the output) are not supported with block formats.
+    """
+
+    lhs: tuple[int, ...]
+    rhs: tuple[int, ...]
+    out_lhs: tuple[int, ...]
+    out_rhs: tuple[int, ...]
+
+    @classmethod
+    def of_dot_general(cls, lhs_ndim: int, rhs_ndim: int, dimension_numbers) -> ContractionAxes:
+        (lc, rc), (lb, rb) = dimension_numbers
+        if lb or rb:
+            raise ValueError("block formats do not support batch dimensions of a dot_general")
+        lc = tuple(a % lhs_ndim for a in lc)
+        rc = tuple(a % rhs_ndim for a in rc)
+        n_lhs_free = lhs_ndim - len(lc)
+        n_rhs_free = rhs_ndim - len(rc)
+        return cls(
+            lc,
+            rc,
+            tuple(range(n_lhs_free)),
+            tuple(range(n_lhs_free, n_lhs_free + n_rhs_free)),
+        )
+
+    @classmethod
+    def of_einsum(cls, subscripts: str) -> ContractionAxes:
+        inputs, out = subscripts.replace(" ", "").split("->")
+        left, right = inputs.split(",")
+        shared = set(left) & set(right)
+        if shared & set(out):
+            raise ValueError(f"block formats do not support batch axes of einsum {subscripts!r}")
+        return cls(
+            tuple(i for i, c in enumerate(left) if c in shared),
+            tuple(i for i, c in enumerate(right) if c in shared),
+            tuple(i for i, c in enumerate(out) if c in left),
+            tuple(i for i, c in enumerate(out) if c in right),
+        )
+
+
+def free_axes(ndim: int, contracted: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(a for a in range(ndim) if a not in contracted)
+
+
+def quantize_along(
+    x: jax.Array, tq: TensorQuant, axes: tuple[int, ...], key: jax.Array | None
+) -> jax.Array:
+    """``x`` in the block format of ``tq`` with 1-D blocks along ``axes`` (several axes are
+    merged into one, in order), or 2-D tiles over (the other axes, ``axes``) merged."""
+    fmt = tq.format
+    rest = free_axes(x.ndim, axes)
+    order = (*rest, *axes)
+    moved = jnp.transpose(x, order)
+    lead = moved.shape[: len(rest)]
+    merged_rest = math.prod(lead)
+    merged = math.prod(moved.shape[len(rest) :])
+    if len(fmt.block_shape) == 2:
+        flat = moved.reshape(merged_rest, merged)
+        q = quantize(flat, fmt, rounding=tq.rounding, key=key, axis=(0, 1))
+    else:
+        flat = moved.reshape(*lead, merged)
+        q = quantize(flat, fmt, rounding=tq.rounding, key=key, axis=-1)
+    return jnp.transpose(q.reshape(moved.shape), np.argsort(order))
+
+
+class _BlockPolicy(NamedTuple):
+    """The static part of a block-format GEMM (hashable: a non-differentiable argument)."""
+
+    contract: Callable[[jax.Array, jax.Array], jax.Array]
+    axes: ContractionAxes
+    inputs: TensorQuant | None
+    weights: TensorQuant | None
+    output_grads: TensorQuant | None
+    with_stats: bool
+
+
+def _is_block(tq: TensorQuant | None) -> bool:
+    return tq is not None and isinstance(tq.format, BlockFormat)
+
+
+def _operand(x, tq, fixed, axes, key):
+    """One GEMM's copy of an operand: per-tensor roles are quantized once (``fixed``), block
+    roles along this GEMM's contraction ``axes``, from the high-precision ``x``."""
+    if fixed is not None:
+        return fixed
+    if _is_block(tq):
+        return quantize_along(x, tq, axes, key)
+    return x
+
+
+def _fold(key, i):
+    return None if key is None else jax.random.fold_in(key, i)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _block_gemm(policy: _BlockPolicy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys):
+    del probe
+    ax = policy.axes
+    ql = _operand(lhs, policy.inputs, lhs_fixed, ax.lhs, _fold(keys[0], 0))
+    qr = _operand(rhs, policy.weights, rhs_fixed, ax.rhs, _fold(keys[1], 0))
+    return policy.contract(ql, qr)
+
+
+def _block_gemm_fwd(policy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys):
+    y = _block_gemm(policy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys)
+    return y, (lhs, rhs, lhs_fixed, rhs_fixed, keys)
+
+
+def _block_gemm_bwd(policy: _BlockPolicy, residuals, dy):
+    lhs, rhs, lhs_fixed, rhs_fixed, keys = residuals
+    ax, tg = policy.axes, policy.output_grads
+    stats = None
+    if _is_block(tg):
+        # dY along N for the input gradient, along the tokens for the weight gradient.
+        dy_n = quantize_along(dy, tg, ax.out_rhs, _fold(keys[2], 1))
+        dy_t = quantize_along(dy, tg, ax.out_lhs, _fold(keys[2], 2))
+        if policy.with_stats:
+            stats = _merged_block_stats(dy, dy_n, tg, ax.out_rhs)
+    elif tg is not None:
+        scale = compute_scale(jnp.max(jnp.abs(dy), initial=0.0), tg.format, tg.scale_min, tg.margin)
+        dy_n = dy_t = quantize(dy, tg.format, scale, rounding=tg.rounding, key=_fold(keys[2], 1))
+        if policy.with_stats:
+            stats = tensor_stats(dy, dy_n, as_params(tg.format), scale)
+    else:
+        dy_n = dy_t = dy
+    # W along N for the input gradient, x along the tokens for the weight gradient.
+    w_n = _operand(rhs, policy.weights, rhs_fixed, free_axes(rhs.ndim, ax.rhs), _fold(keys[1], 1))
+    x_t = _operand(lhs, policy.inputs, lhs_fixed, free_axes(lhs.ndim, ax.lhs), _fold(keys[0], 1))
+    _, lhs_vjp = jax.vjp(lambda a: policy.contract(a, w_n), lhs)
+    _, rhs_vjp = jax.vjp(lambda b: policy.contract(x_t, b), rhs)
+    (dx,) = lhs_vjp(dy_n)
+    (dw,) = rhs_vjp(dy_t)
+    probe_ct = None if stats is None else stats.to_probe()
+    return dx, dw, None, None, probe_ct, None
+
+
+_block_gemm.defvjp(_block_gemm_fwd, _block_gemm_bwd)
+
+
+def _merged_block_stats(x, q, tq, axes) -> QuantStats:
+    """:func:`block_stats` of a tensor blocked along (possibly several, merged) ``axes``."""
+    rest = free_axes(x.ndim, axes)
+    order = (*rest, *axes)
+    lead = math.prod(x.shape[a] for a in rest)
+    flat = lambda t: jnp.transpose(t, order).reshape(lead, -1)  # noqa: E731
+    return block_stats(flat(x), flat(q), tq.format, -1)
+
+
+def _block_contract(contract, lhs, rhs, config, state, keys, axes):
+    """:func:`quantized_contract` when some role has a block format."""
+    axes = axes() if callable(axes) else axes
+    changes: dict[str, AmaxHistory] = {}
+    stats: dict[str, QuantStats] = {}
+    fixed: dict[str, jax.Array | None] = {"inputs": None, "weights": None}
+    for role, x, contracted in (("inputs", lhs, axes.lhs), ("weights", rhs, axes.rhs)):
+        tq = config.role(role)
+        if tq is None:
+            continue
+        if _is_block(tq):
+            if config.stats:
+                q = quantize_along(x, tq, contracted, _fold(keys[role], 0))
+                stats[role] = _merged_block_stats(x, q, tq, contracted)
+            continue
+        fixed[role], changes[role], role_stats = _quantize_operand(
+            x, tq, getattr(state, role), keys[role], config.stats
+        )
+        if role_stats is not None:
+            stats[role] = role_stats
+    grads = config.output_grads
+    if grads is not None and not _is_block(grads) and grads.scaling == "delayed":
+        raise ValueError(
+            "with block formats the output gradient's per-tensor scale is current; "
+            "delayed output-gradient scaling is not supported there"
+        )
+    probe = state.output_grads_stats
+    policy = _BlockPolicy(contract, axes, config.inputs, config.weights, grads, probe is not None)
+    role_keys_ = (keys["inputs"], keys["weights"], keys["output_grads"])
+    y = _block_gemm(policy, lhs, rhs, fixed["inputs"], fixed["weights"], probe, role_keys_)
     return y, dataclasses.replace(state, **changes), stats
 
 

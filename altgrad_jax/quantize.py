@@ -18,7 +18,15 @@ import numpy as np
 
 from altgrad_jax._checks import check_choice
 from altgrad_jax.bits import ROUNDING_MODES, Rounding, round_float32
-from altgrad_jax.formats import FloatFormat, FormatLike, FormatParams, as_params, get_format
+from altgrad_jax.blocks import quantize_blocks
+from altgrad_jax.formats import (
+    BlockFormat,
+    FloatFormat,
+    FormatLike,
+    FormatParams,
+    as_params,
+    get_format,
+)
 
 __all__ = ["quantize", "random_bits"]
 
@@ -110,8 +118,13 @@ def quantize(
     rounding: Rounding = "nearest",
     key: jax.Array | None = None,
     clip_gradient: bool = False,
+    axis: int | tuple[int, ...] | None = None,
 ) -> jax.Array:
     """Fake-quantizes ``x``: ``round_fmt(x / scale) * scale``, same shape and dtype as ``x``.
+
+    With a :class:`~altgrad_jax.formats.BlockFormat` the scales come from the blocks along
+    ``axis`` (default: the last axis, or the last two for 2-D tiles), see
+    :mod:`altgrad_jax.blocks`; ``scale`` must then stay 1.
 
     ``x / scale`` is computed as ``x * (1 / scale)`` in float32, which is what XLA compiles the
     division by a scalar to anyway; it is exact for power-of-two scales.
@@ -135,6 +148,10 @@ def quantize(
     if rounding == "stochastic" and key is None:
         raise ValueError("rounding='stochastic' needs a PRNG key: quantize(..., key=key)")
     x = jnp.asarray(x)
+    if not isinstance(fmt, FormatParams) and isinstance(get_format(fmt), BlockFormat):
+        return _quantize_blocked(x, get_format(fmt), scale, rounding, key, axis)
+    if axis is not None:
+        raise ValueError(f"axis={axis!r} is for block formats; {fmt!r} scales the whole tensor")
     params = as_params(fmt)
     static_fmt = None if isinstance(fmt, FormatParams) else get_format(fmt)
     _check_input(x, static_fmt)
@@ -152,3 +169,15 @@ def quantize(
     if not clip_gradient:
         return _straight_through(x, quantized)
     return _clipped_straight_through(x, quantized, jnp.abs(scaled) <= params.max_value)
+
+
+def _quantize_blocked(x, fmt: BlockFormat, scale, rounding, key, axis) -> jax.Array:
+    if not (isinstance(scale, (int, float)) and scale == 1):
+        raise ValueError(
+            f"{fmt.name} takes its scales from its blocks; do not pass scale={scale!r}"
+        )
+    _check_input(x, fmt.element)
+    x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
+    noise = random_bits(key, x32.shape) if rounding == "stochastic" else None
+    quantized = quantize_blocks(x32, fmt, axis, rounding, noise).astype(x.dtype)
+    return _straight_through(x, quantized)

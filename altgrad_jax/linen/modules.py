@@ -25,7 +25,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from altgrad_jax.config import QuantConfig
-from altgrad_jax.quant_dot import QuantDotState, initial_entry, quantized_contract, state_names
+from altgrad_jax.quant_dot import (
+    ContractionAxes,
+    QuantDotState,
+    initial_entry,
+    quantized_contract,
+    state_names,
+)
 
 __all__ = ["QUANT_STATE", "QUANT_STATS", "QuantDense", "QuantDotGeneral", "QuantEinsum"]
 
@@ -70,13 +76,21 @@ class QuantDotGeneral(nn.Module):
             preferred_element_type=preferred_element_type,
             **kwargs,
         )
-        return self.quantized(contract, lhs, rhs)
+        axes = functools.partial(
+            ContractionAxes.of_dot_general, lhs.ndim, rhs.ndim, dimension_numbers
+        )
+        return self.quantized(contract, lhs, rhs, axes)
 
     @nn.compact
     def quantized(
-        self, contract: Callable[[jax.Array, jax.Array], jax.Array], lhs: jax.Array, rhs: jax.Array
+        self,
+        contract: Callable[[jax.Array, jax.Array], jax.Array],
+        lhs: jax.Array,
+        rhs: jax.Array,
+        axes: ContractionAxes | Callable[[], ContractionAxes] | None = None,
     ) -> jax.Array:
-        """``contract(lhs, rhs)`` on quantized operands (any bilinear op, e.g. an einsum)."""
+        """``contract(lhs, rhs)`` on quantized operands (any bilinear op, e.g. an einsum);
+        block formats need its ``axes`` (see :func:`altgrad_jax.quant_dot.quantized_contract`)."""
         config = self.config
         if not isinstance(config, QuantConfig):
             raise TypeError(f"config must be a QuantConfig, got {config!r}")
@@ -88,7 +102,7 @@ class QuantDotGeneral(nn.Module):
         if config.needs_rng and self.has_rng(config.rng_stream):
             key = self.make_rng(config.rng_stream)
         state = QuantDotState(**{name: var.value for name, var in variables.items()})
-        y, new_state, stats = quantized_contract(contract, lhs, rhs, config, state, key)
+        y, new_state, stats = quantized_contract(contract, lhs, rhs, config, state, key, axes)
         if self.is_mutable_collection(QUANT_STATE) and not self.is_initializing():
             for role in ("inputs", "weights"):
                 if role in variables:
@@ -168,7 +182,9 @@ class QuantEinsum(nn.Einsum):
             precision=self.precision,
             preferred_element_type=self.preferred_element_type,
         )
-        y = QuantDotGeneral(self.config, name="einsum_op").quantized(contract, inputs, kernel)
+        axes = functools.partial(ContractionAxes.of_einsum, einsum_str)
+        op = QuantDotGeneral(self.config, name="einsum_op")
+        y = op.quantized(contract, inputs, kernel, axes)
         if bias is not None:
             y += jnp.reshape(bias, broadcast_shape)
         return y

@@ -18,6 +18,7 @@ call's statistics are kept in :class:`QuantStatsVariable` variables and returned
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ from jax import lax
 from altgrad_jax.config import QuantConfig
 from altgrad_jax.linen.modules import contraction
 from altgrad_jax.quant_dot import (
+    ContractionAxes,
     QuantDotState,
     QuantStats,
     initial_entry,
@@ -94,12 +96,16 @@ class _QuantOp(nnx.Module):
             setattr(self, f"{role}_stats", QuantStatsVariable(QuantStats.zeros()))
 
     def _quantized(
-        self, contract: Callable[[jax.Array, jax.Array], jax.Array], lhs: jax.Array, rhs: jax.Array
+        self,
+        contract: Callable[[jax.Array, jax.Array], jax.Array],
+        lhs: jax.Array,
+        rhs: jax.Array,
+        axes: Callable[[], ContractionAxes],
     ) -> jax.Array:
         names = state_names(self.config)
         state = QuantDotState(**{name: getattr(self, name).get_value() for name in names})
         key = None if self.quant_rngs is None else self.quant_rngs()
-        y, new_state, stats = quantized_contract(contract, lhs, rhs, self.config, state, key)
+        y, new_state, stats = quantized_contract(contract, lhs, rhs, self.config, state, key, axes)
         for role in ("inputs", "weights"):
             if role in names:
                 getattr(self, role).set_value(getattr(new_state, role))
@@ -151,7 +157,10 @@ class QuantDotGeneral(_QuantOp):
             preferred_element_type=preferred_element_type,
             **kwargs,
         )
-        return self._quantized(contract, lhs, rhs)
+        axes = functools.partial(
+            ContractionAxes.of_dot_general, lhs.ndim, rhs.ndim, dimension_numbers
+        )
+        return self._quantized(contract, lhs, rhs, axes)
 
 
 class QuantEinsumOp(_QuantOp):
@@ -168,7 +177,8 @@ class QuantEinsumOp(_QuantOp):
         self.op = einsum_op
 
     def __call__(self, subscripts: str, lhs: jax.Array, rhs: jax.Array, **kwargs: Any) -> jax.Array:
-        return self._quantized(contraction(self.op, subscripts, **kwargs), lhs, rhs)
+        axes = functools.partial(ContractionAxes.of_einsum, subscripts)
+        return self._quantized(contraction(self.op, subscripts, **kwargs), lhs, rhs, axes)
 
 
 class QuantLinear(nnx.Linear):

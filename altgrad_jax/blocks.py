@@ -1,0 +1,234 @@
+"""Block-scaled (microscaling) quantization: MXFP8/6/4, NVFP4 and DeepSeek-style tiles.
+
+A :class:`~altgrad_jax.formats.BlockFormat` cuts a tensor into blocks along one axis
+(consecutive ``block_size`` elements; a last, shorter block is a block of its own, as if
+zero-padded) or into 2-D tiles over two axes, and gives each block a scale ``s`` from its amax
+``a = max|x|``; the elements are ``round_element(x / s) * s``.
+
+**Power-of-two scales** (E8M0: ``s = 2**k``, ``k`` clamped to the scale format's range, [-127,
+127] for E8M0). Write ``a = 2**e * (1 + f)`` and the element's ``max = 2**m * (1 + g)`` (``e``,
+``m`` integers, ``f``, ``g`` the 23-bit fractions of their float32 significands). Then
+
+* ``floor`` (OCP MX v1.0): ``k = e - m``; elements beyond the element range saturate;
+* ``ceil``: ``k = e + [f > 0] - m``;
+* ``rceil`` (default): the smallest ``k`` with ``a <= max * 2**k``, which is ``e - m + [f > g]``:
+  nothing saturates (NVIDIA's MXFP8 recipe; the OCP rule "can lead to divergence");
+* ``even`` (torchao): ``a`` rounded half-up to the element's ``M`` mantissa bits first, then
+  ``floor``.
+
+All four read ``e`` and ``f`` off the bits of ``a`` (``clz`` for float32 subnormals), so no
+``log2`` can misround near a power of two and the scale is never computed through bfloat16 (a
+known double-rounding bug). An all-zero block gets the smallest ``k`` and stays zero; a block
+holding a NaN or an inf reads all NaN (its scale would be code 0xFF, NaN). E8M0's smallest
+scale ``2**-127`` is a float32 subnormal.
+
+**Scale formats with mantissa bits** (NVFP4's E4M3): ``s_b = round_nearest_E4M3(a / max / s_t)``
+("nearest"; "rceil" rounds up instead, so nothing saturates), with the float32 tensor scale
+``s_t = amax_tensor / (scale_max * max)`` (``tensor_scale=True``; the amax of the finite entries,
+1 for an all-zero tensor), and ``s = s_t * s_b``. A block scale that would round to zero is
+clamped to the scale format's smallest positive value (E4M3: ``2**-9``, a subnormal, as
+Transformer Engine allows), so finite input never divides by zero: blocks far below the
+tensor's range flush to zero instead of turning NaN.
+
+**float32 scales** (``scale_format=None``, DeepSeek-V3): ``s = a / max``, at least the smallest
+positive float32 (1 for an all-zero block).
+
+References: OCP Microscaling Formats (MX) v1.0 (2023); Mishra et al., "Recipes for Pre-training
+LLMs with MXFP8" (2025); NVIDIA, "Pretraining LLMs with NVFP4" (2025); DeepSeek-V3 report (2024).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from altgrad_jax.bits import Rounding, _as_u32, power_of_two, round_float32, ulp
+from altgrad_jax.formats import BlockFormat, FloatFormat, format_params
+
+__all__ = ["block_amax", "block_scales", "normalize_axes", "quantize_blocks"]
+
+BlockAxes = int | tuple[int, ...] | None
+
+
+def normalize_axes(fmt: BlockFormat, ndim: int, axis: BlockAxes) -> tuple[int, ...]:
+    """The blocked axes of an ``ndim``-dimensional tensor, non-negative, one per block dim.
+
+    ``axis=None`` means the last axis (1-D blocks) or the last two (tiles). Raises for a tensor
+    with fewer dimensions than the blocks, or an axis out of range.
+    """
+    rank = len(fmt.block_shape)
+    if axis is None:
+        axis = tuple(range(-rank, 0))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if len(axes) != rank:
+        raise ValueError(
+            f"{fmt.name} has {rank}-D blocks {fmt.block_shape}, so it needs {rank} axis(es); "
+            f"got axis={axis!r}"
+        )
+    if ndim < rank:
+        raise ValueError(f"{fmt.name} has {rank}-D blocks; a {ndim}-D tensor cannot hold them")
+    normalized = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"axis {a} is out of range for a {ndim}-D tensor")
+        normalized.append(a % ndim)
+    if len(set(normalized)) != rank:
+        raise ValueError(f"block axes must differ, got {axis!r}")
+    return tuple(normalized)
+
+
+def _to_blocks(
+    x: jax.Array, axes: tuple[int, ...], block_shape: tuple[int, ...]
+) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """``x`` as ``[..., blocks..., block elements]`` and the inverse of that rearrangement."""
+    rest = [d for d in range(x.ndim) if d not in axes]
+    moved = jnp.transpose(x, (*rest, *axes))
+    lead = moved.shape[: len(rest)]
+    sizes = moved.shape[len(rest) :]
+    counts = [-(-n // b) for n, b in zip(sizes, block_shape, strict=True)]
+    pad = [(0, 0)] * len(rest) + [
+        (0, c * b - n) for c, b, n in zip(counts, block_shape, sizes, strict=True)
+    ]
+    padded = jnp.pad(moved, pad)
+    split = [v for c, b in zip(counts, block_shape, strict=True) for v in (c, b)]
+    shaped = padded.reshape(*lead, *split)
+    k = len(block_shape)
+    # [..., c0, b0, c1, b1] -> [..., c0, c1, b0, b1]
+    order = list(range(len(lead))) + [len(lead) + 2 * i for i in range(k)]
+    order += [len(lead) + 2 * i + 1 for i in range(k)]
+    blocks = jnp.transpose(shaped, order).reshape(*lead, *counts, math.prod(block_shape))
+
+    def restore(y: jax.Array) -> jax.Array:
+        y = y.reshape(*lead, *counts, *block_shape)
+        inverse = np.argsort(order)
+        y = jnp.transpose(y, inverse).reshape(padded.shape)
+        y = y[tuple(slice(0, n) for n in moved.shape)]
+        return jnp.transpose(y, np.argsort((*rest, *axes)))
+
+    return blocks, restore
+
+
+def _log2_parts(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(e, f)`` with ``value = 2**e * (1 + f / 2**23)`` for positive float32 magnitudes given as
+    bits (int32 ``e``; uint32 23-bit fraction ``f``); subnormals normalised with ``clz``."""
+    field = (a >> 23).astype(jnp.int32)
+    lead = 31 - jax.lax.clz(a).astype(jnp.int32)
+    shift = jnp.clip(23 - lead, 0, 23).astype(jnp.uint32)
+    fraction = jnp.where(field > 0, a, a << shift) & jnp.uint32(0x7FFFFF)
+    exponent = jnp.where(field > 0, field - 127, lead - 149)
+    return exponent, fraction
+
+
+def _pow2_exponent(amax: jax.Array, fmt: BlockFormat) -> jax.Array:
+    """The block exponent ``k`` of a power-of-two scale (see the module docstring)."""
+    element, scale_fmt = fmt.element, fmt.scale_format
+    m = math.frexp(element.max_value)[1] - 1
+    g = int(np.float32(element.max_value).view(np.uint32)) & 0x7FFFFF
+    a = _as_u32(amax)
+    e, f = _log2_parts(a)
+    if fmt.scale_rule == "floor":
+        k = e - m
+    elif fmt.scale_rule == "ceil":
+        k = e + (f > 0).astype(jnp.int32) - m
+    elif fmt.scale_rule == "rceil":
+        k = e - m + (f > jnp.uint32(g)).astype(jnp.int32)
+    else:  # even: round half up at the element's mantissa width, keep the exponent
+        half = jnp.uint32(1 << (22 - element.mantissa_bits)) if element.mantissa_bits < 23 else 0
+        k = e + ((f + half) >> 23).astype(jnp.int32) - m
+    k_min = math.frexp(scale_fmt.smallest_positive)[1] - 1
+    k_max = math.frexp(scale_fmt.max_value)[1] - 1
+    return jnp.clip(jnp.where(a == 0, k_min, k), k_min, k_max)
+
+
+def _round_up(x: jax.Array, fmt: FloatFormat) -> jax.Array:
+    """The smallest value of ``fmt`` at or above positive ``x`` (saturating at max)."""
+    nearest = round_float32(x, format_params(fmt))
+    above = jnp.minimum(nearest + ulp(nearest, fmt), jnp.float32(fmt.max_value))
+    return jnp.where(nearest < x, above, nearest)
+
+
+def _finite_amax(x: jax.Array) -> jax.Array:
+    finite = jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0)
+    return jnp.max(finite, initial=0.0).astype(jnp.float32)
+
+
+def _scales(amax: jax.Array, fmt: BlockFormat, tensor_amax: jax.Array) -> jax.Array:
+    """float32 block scales from block amaxes (finite, >= 0) and the tensor's finite amax."""
+    element_max = jnp.float32(fmt.element.max_value)
+    scale_fmt = fmt.scale_format
+    if scale_fmt is None:
+        smallest = jnp.float32(np.finfo(np.float32).smallest_subnormal)
+        return jnp.where(amax > 0, jnp.maximum(amax / element_max, smallest), 1.0)
+    if scale_fmt.is_power_of_two:
+        if fmt.tensor_scale:
+            raise ValueError(f"{fmt.name}: a tensor scale needs a scale format with mantissa bits")
+        return power_of_two(_pow2_exponent(amax, fmt))
+    tensor = jnp.float32(1.0)
+    if fmt.tensor_scale:
+        levels = jnp.float32(np.float32(scale_fmt.max_value) * np.float32(fmt.element.max_value))
+        tensor = jnp.where(tensor_amax > 0, tensor_amax / levels, 1.0)
+    ratio = amax / element_max / tensor
+    if fmt.scale_rule == "rceil":
+        block = _round_up(ratio, scale_fmt)
+    else:
+        block = round_float32(ratio, format_params(scale_fmt))
+    block = jnp.maximum(block, jnp.float32(scale_fmt.smallest_positive))
+    return tensor * block
+
+
+def block_amax(x: jax.Array, fmt: BlockFormat, axis: BlockAxes = None) -> jax.Array:
+    """``max|x|`` per block (NaN where a block holds a NaN, inf where it holds an inf), float32,
+    shaped like :func:`block_scales`."""
+    axes = normalize_axes(fmt, x.ndim, axis)
+    blocks, _ = _to_blocks(jnp.asarray(x, jnp.float32), axes, fmt.block_shape)
+    amax = jnp.max(jnp.abs(blocks), axis=-1)
+    return _from_block_grid(amax, x.ndim, axes)
+
+
+def _from_block_grid(values: jax.Array, ndim: int, axes: tuple[int, ...]) -> jax.Array:
+    """``[..., blocks...]`` back to x's axis order (each blocked axis of length #blocks)."""
+    rest = [d for d in range(ndim) if d not in axes]
+    return jnp.transpose(values, np.argsort((*rest, *axes)))
+
+
+def block_scales(x: jax.Array, fmt: BlockFormat, axis: BlockAxes = None) -> jax.Array:
+    """The float32 scale of every block: x's shape with each blocked axis of length
+    ``ceil(n / block)`` (for a tensor-scaled format, the product of tensor and block scale;
+    NaN for blocks that hold a NaN or an inf)."""
+    x = jnp.asarray(x, jnp.float32)
+    axes = normalize_axes(fmt, x.ndim, axis)
+    blocks, _ = _to_blocks(x, axes, fmt.block_shape)
+    amax = jnp.max(jnp.abs(blocks), axis=-1)
+    scales = _scales(jnp.where(jnp.isfinite(amax), amax, 0.0), fmt, _finite_amax(x))
+    scales = jnp.where(jnp.isfinite(amax), scales, jnp.float32(jnp.nan))
+    return _from_block_grid(scales, x.ndim, axes)
+
+
+def quantize_blocks(
+    x: jax.Array,
+    fmt: BlockFormat,
+    axis: BlockAxes = None,
+    rounding: Rounding = "nearest",
+    random_bits: jax.Array | None = None,
+) -> jax.Array:
+    """float32 ``round_element(x / s) * s`` with per-block scales ``s`` (no gradient rule: see
+    :func:`altgrad_jax.quantize`, which wraps this with the straight-through estimator).
+
+    ``random_bits`` (uint32, x's shape) drive stochastic rounding of the elements.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    axes = normalize_axes(fmt, x.ndim, axis)
+    blocks, restore = _to_blocks(x, axes, fmt.block_shape)
+    amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+    finite = jnp.isfinite(amax)
+    scale = _scales(jnp.where(finite, amax, 0.0), fmt, _finite_amax(x))
+    noise = None
+    if random_bits is not None:
+        noise, _ = _to_blocks(random_bits, axes, fmt.block_shape)
+    params = format_params(fmt.element)
+    rounded = round_float32(blocks * (1 / scale), params, rounding, noise) * scale
+    return restore(jnp.where(finite, rounded, jnp.float32(jnp.nan)))

@@ -1,0 +1,114 @@
+"""Block formats in a quantized matmul: every GEMM of training blocks along its own axes."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import altgrad_jax as ag
+from altgrad_jax import linen as qlinen
+from altgrad_jax import nnx as qnnx
+from altgrad_jax.config import QuantConfig, TensorQuant
+from altgrad_jax.quant_dot import QuantStats
+
+X = jax.random.normal(jax.random.key(0), (48, 64)) * jnp.exp2(
+    jax.random.randint(jax.random.key(1), (48, 1), -6, 6)
+)
+DY = jax.random.normal(jax.random.key(2), (48, 40)) * 3
+
+
+def _q(x, fmt, axis):
+    return ag.quantize(x, fmt, axis=axis)
+
+
+@pytest.mark.parametrize(
+    ("forward", "backward"),
+    [(ag.MXFP8_E4M3, ag.MXFP8_E5M2), (ag.MXFP4, ag.MXFP4), (ag.NVFP4, "E5M2")],
+    ids=["mxfp8", "mxfp4", "nvfp4-fwd"],
+)
+def test_dense_quantizes_each_gemm_along_its_own_axes(forward, backward):
+    config = QuantConfig(forward, forward, backward)
+    layer = qlinen.QuantDense(40, config=config)
+    variables = layer.init(jax.random.key(3), X)
+    w, b = variables["params"]["kernel"], variables["params"]["bias"]
+
+    def loss(params, x):
+        return jnp.sum(layer.apply({"params": params}, x) * DY)
+
+    y = layer.apply(variables, X)
+    np.testing.assert_array_equal(y, _q(X, forward, 1) @ _q(w, forward, 0) + b)
+    grads, dx = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], X)
+    if isinstance(backward, ag.BlockFormat):
+        dy_n, dy_t = _q(DY, backward, 1), _q(DY, backward, 0)
+    else:
+        scale = ag.compute_scale(jnp.max(jnp.abs(DY)), backward)
+        dy_n = dy_t = ag.quantize(DY, backward, scale)
+    # Weight gradient: x and dY along the tokens; input gradient: dY and W along N.
+    np.testing.assert_array_equal(grads["kernel"], _q(X, forward, 0).T @ dy_t)
+    np.testing.assert_array_equal(dx, dy_n @ _q(w, forward, 1).T)
+    np.testing.assert_array_equal(grads["bias"], DY.sum(0))
+
+
+def test_2d_weight_tiles_make_one_copy_and_einsum_and_nnx_agree():
+    tiles = TensorQuant(ag.FP8_E4M3_128X128.replace(block_size=(16, 16)))
+    config = QuantConfig(TensorQuant(ag.FP8_E4M3_1X128.replace(block_size=16)), tiles, None)
+    linen = qlinen.QuantEinsum((64, 40), "bk,kn->bn", use_bias=False, config=config)
+    params = linen.init(jax.random.key(3), X)["params"]
+    w = params["kernel"]
+    q_w = ag.quantize(w, tiles.format)  # the same tensor for the forward and dX GEMMs
+
+    def loss(params, x):
+        return jnp.sum(linen.apply({"params": params}, x) * DY)
+
+    grads, dx = jax.grad(loss, argnums=(0, 1))(params, X)
+    act = config.inputs.format
+    np.testing.assert_array_equal(linen.apply({"params": params}, X), _q(X, act, 1) @ q_w)
+    np.testing.assert_array_equal(dx, DY @ q_w.T)
+    # The weight gradient is the einsum's own transpose on x blocked along the tokens.
+    _, wgrad = jax.vjp(lambda k: jnp.einsum("bk,kn->bn", _q(X, act, 0), k), w)
+    np.testing.assert_array_equal(grads["kernel"], wgrad(DY)[0])
+    model = qnnx.QuantEinsum("bk,kn->bn", (64, 40), config=config, rngs=nnx.Rngs(0))
+    model.kernel.set_value(w)
+    np.testing.assert_array_equal(model(X), linen.apply({"params": params}, X))
+
+
+def test_dense_general_merges_several_contraction_axes_into_one_block_axis():
+    config = QuantConfig(ag.MXFP8_E4M3, ag.MXFP8_E4M3, None)
+    x = X.reshape(48, 2, 32)
+    layer = nn.DenseGeneral(40, axis=(-2, -1), dot_general_cls=qlinen.quant_dot_general_cls(config))
+    variables = layer.init(jax.random.key(3), x)
+    w = variables["params"]["kernel"]
+    expected = _q(X, ag.MXFP8_E4M3, 1) @ _q(w.reshape(64, 40), ag.MXFP8_E4M3, 0)
+    np.testing.assert_array_equal(layer.apply(variables, x), expected + variables["params"]["bias"])
+
+
+def test_block_statistics_count_saturated_and_flushed_blocks():
+    floor = ag.MXFP4.replace(scale_rule="floor")
+    config = QuantConfig(floor, None, floor, stats=True)
+    x = jnp.ones((2, 64)).at[0, 0].set(7.0).at[1, 32:].set(1e-30)
+    layer = qlinen.QuantDense(4, config=config)
+    variables = layer.init(jax.random.key(0), x)
+    variables = {k: v for k, v in variables.items() if k != qlinen.QUANT_STATS}
+    _, out = layer.apply(variables, x, mutable=[qlinen.QUANT_STATS])
+    (stats,) = out[qlinen.QUANT_STATS]["dot_general"]["inputs"]
+    # Four blocks of 32 along K; 7 saturates E2M1 (max 6) under floor; no block flushes.
+    assert int(stats.count("blocks")) == 4
+    assert int(stats.count("saturated_blocks")) == 1
+    assert float(stats.saturated_blocks) == 0.25
+    assert isinstance(stats, QuantStats)
+
+
+def test_block_formats_refuse_what_they_cannot_do():
+    with pytest.raises(ValueError, match="current scaling"):
+        TensorQuant(ag.MXFP4, scaling="delayed")
+    config = QuantConfig(ag.MXFP4, ag.MXFP4, TensorQuant("E5M2", scaling="delayed"))
+    layer = qlinen.QuantDense(4, config=config)
+    with pytest.raises(ValueError, match="delayed output-gradient"):
+        layer.init(jax.random.key(0), jnp.ones((2, 32)))
+    batched = qlinen.QuantEinsum((4, 3, 5), "bhk,hkn->bhn", config=QuantConfig(ag.MXFP4, ag.MXFP4))
+    with pytest.raises(ValueError, match="batch axes"):
+        batched.init(jax.random.key(0), jnp.ones((2, 4, 3)))
