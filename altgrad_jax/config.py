@@ -108,8 +108,13 @@ class QuantConfig:
       stats: sow / return quantization statistics (:class:`~altgrad_jax.quant_dot.QuantStats`:
         exact counts of entries, saturated, underflowed, subnormal and NaN ones, and the scale).
         Off by default: a config without stats computes none of them.
-      rng_stream: name of the RNG stream stochastic rounding draws from (Linen ``rngs`` key,
-        NNX ``Rngs`` stream).
+      rng_stream: name of the RNG stream stochastic rounding (and the Hadamard signs) draw
+        from (Linen ``rngs`` key, NNX ``Rngs`` stream).
+      hadamard: 16 or 32 applies a random Hadamard transform (random signs from the RNG
+        stream) to both operands of the weight-gradient GEMM along the tokens before they are
+        quantized, as the NVFP4 training recipe does to spread outliers; the transform is
+        orthogonal, so without quantization the gradient is unchanged (to float32 rounding).
+        The number of tokens must be a multiple of it.
     """
 
     inputs: RoleSpec = "E4M3"
@@ -117,12 +122,14 @@ class QuantConfig:
     output_grads: RoleSpec = "E5M2"
     stats: bool = False
     rng_stream: str = "quant"
+    hadamard: int | None = None
 
     def __post_init__(self) -> None:
         for role in ROLES:
             object.__setattr__(self, role, _as_tensor_quant(role, getattr(self, role)))
         check_bool("stats", self.stats)
         check_str("rng_stream", self.rng_stream)
+        check_choice("hadamard", self.hadamard, (None, 16, 32))
 
     @classmethod
     def uniform(
@@ -136,7 +143,7 @@ class QuantConfig:
         ``settings`` are :class:`TensorQuant` fields (rounding, scaling, history_len, margin...)
         plus the QuantConfig fields ``stats`` and ``rng_stream``.
         """
-        own = {k: settings.pop(k) for k in ("stats", "rng_stream") if k in settings}
+        own = {k: settings.pop(k) for k in ("stats", "rng_stream", "hadamard") if k in settings}
 
         def role(fmt: FormatLike | None) -> TensorQuant | None:
             return None if fmt is None else TensorQuant(fmt, **settings)
@@ -151,5 +158,9 @@ class QuantConfig:
 
     @property
     def needs_rng(self) -> bool:
-        """Whether any role rounds stochastically (and so needs ``rng_stream``)."""
-        return any(q is not None and q.rounding == "stochastic" for q in map(self.role, ROLES))
+        """Whether any role rounds stochastically or a Hadamard transform draws its signs (and
+        so needs ``rng_stream``)."""
+        stochastic = any(
+            q is not None and q.rounding == "stochastic" for q in map(self.role, ROLES)
+        )
+        return stochastic or self.hadamard is not None

@@ -66,6 +66,7 @@ __all__ = [
     "next_state",
     "quantize_output_grad",
     "quantized_contract",
+    "random_hadamard",
     "tensor_stats",
 ]
 
@@ -299,6 +300,13 @@ def role_keys(config: QuantConfig, key: jax.Array | None) -> dict[str, jax.Array
                     f", NNX: nnx.Rngs({config.rng_stream}=seed))"
                 )
             keys[role] = jax.random.fold_in(key, i)
+    if config.hadamard is not None:
+        if key is None:
+            raise ValueError(
+                f"hadamard={config.hadamard} draws random signs from the RNG stream "
+                f"{config.rng_stream!r}; provide it"
+            )
+        keys["hadamard"] = jax.random.fold_in(key, len(ROLES))
     return keys
 
 
@@ -419,7 +427,7 @@ def quantized_contract(
       ``stats`` holds the forward roles' :class:`QuantStats` when ``config.stats``.
     """
     keys = role_keys(config, key)
-    if any(_is_block(config.role(r)) for r in ROLES):
+    if config.hadamard is not None or any(_is_block(config.role(r)) for r in ROLES):
         if axes is None:
             raise ValueError(
                 "block formats quantize along the contraction axes of each GEMM; this op did "
@@ -525,6 +533,7 @@ class _BlockPolicy(NamedTuple):
     weights: TensorQuant | None
     output_grads: TensorQuant | None
     with_stats: bool
+    hadamard: int | None = None
 
 
 def _is_block(tq: TensorQuant | None) -> bool:
@@ -546,27 +555,34 @@ def _fold(key, i):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _block_gemm(policy: _BlockPolicy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys):
-    del probe
+def _block_gemm(policy: _BlockPolicy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys, hadamard_key):
+    del probe, hadamard_key
     ax = policy.axes
     ql = _operand(lhs, policy.inputs, lhs_fixed, ax.lhs, _fold(keys[0], 0))
     qr = _operand(rhs, policy.weights, rhs_fixed, ax.rhs, _fold(keys[1], 0))
     return policy.contract(ql, qr)
 
 
-def _block_gemm_fwd(policy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys):
-    y = _block_gemm(policy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys)
-    return y, (lhs, rhs, lhs_fixed, rhs_fixed, keys)
+def _block_gemm_fwd(policy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys, hadamard_key):
+    y = _block_gemm(policy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys, hadamard_key)
+    return y, (lhs, rhs, lhs_fixed, rhs_fixed, keys, hadamard_key)
 
 
 def _block_gemm_bwd(policy: _BlockPolicy, residuals, dy):
-    lhs, rhs, lhs_fixed, rhs_fixed, keys = residuals
+    lhs, rhs, lhs_fixed, rhs_fixed, keys, hadamard_key = residuals
     ax, tg = policy.axes, policy.output_grads
     stats = None
+    dy_for_weights, lhs_for_weights = dy, lhs
+    if policy.hadamard is not None:
+        # The same orthogonal R on the tokens of x and dY: (R x)^T (R dY) = x^T dY.
+        rotation = random_hadamard(policy.hadamard, hadamard_key)
+        lhs_for_weights = _rotate_tokens(lhs, free_axes(lhs.ndim, ax.lhs), rotation)
+        dy_for_weights = _rotate_tokens(dy, ax.out_lhs, rotation)
+        lhs_fixed = None  # a per-tensor copy must be requantized after the rotation
     if _is_block(tg):
         # dY along N for the input gradient, along the tokens for the weight gradient.
         dy_n = quantize_along(dy, tg, ax.out_rhs, _fold(keys[2], 1))
-        dy_t = quantize_along(dy, tg, ax.out_lhs, _fold(keys[2], 2))
+        dy_t = quantize_along(dy_for_weights, tg, ax.out_lhs, _fold(keys[2], 2))
         if policy.with_stats:
             stats = _merged_block_stats(dy, dy_n, tg, ax.out_rhs)
     elif tg is not None:
@@ -574,20 +590,61 @@ def _block_gemm_bwd(policy: _BlockPolicy, residuals, dy):
         dy_n = dy_t = quantize(dy, tg.format, scale, rounding=tg.rounding, key=_fold(keys[2], 1))
         if policy.with_stats:
             stats = tensor_stats(dy, dy_n, as_params(tg.format), scale)
+        if policy.hadamard is not None:
+            dy_t = _per_tensor(dy_for_weights, tg, _fold(keys[2], 2))
     else:
-        dy_n = dy_t = dy
+        dy_n, dy_t = dy, dy_for_weights
     # W along N for the input gradient, x along the tokens for the weight gradient.
     w_n = _operand(rhs, policy.weights, rhs_fixed, free_axes(rhs.ndim, ax.rhs), _fold(keys[1], 1))
-    x_t = _operand(lhs, policy.inputs, lhs_fixed, free_axes(lhs.ndim, ax.lhs), _fold(keys[0], 1))
+    inputs = policy.inputs
+    if policy.hadamard is not None and inputs is not None and not _is_block(inputs):
+        x_t = _per_tensor(lhs_for_weights, inputs, _fold(keys[0], 1))
+    else:
+        x_t = _operand(
+            lhs_for_weights, inputs, lhs_fixed, free_axes(lhs.ndim, ax.lhs), _fold(keys[0], 1)
+        )
     _, lhs_vjp = jax.vjp(lambda a: policy.contract(a, w_n), lhs)
     _, rhs_vjp = jax.vjp(lambda b: policy.contract(x_t, b), rhs)
     (dx,) = lhs_vjp(dy_n)
     (dw,) = rhs_vjp(dy_t)
     probe_ct = None if stats is None else stats.to_probe()
-    return dx, dw, None, None, probe_ct, None
+    return dx, dw, None, None, probe_ct, None, None
 
 
 _block_gemm.defvjp(_block_gemm_fwd, _block_gemm_bwd)
+
+
+def _per_tensor(x: jax.Array, tq: TensorQuant, key: jax.Array | None) -> jax.Array:
+    """``x`` with a current per-tensor scale (the rotated copies of the weight-gradient GEMM)."""
+    scale = compute_scale(jnp.max(jnp.abs(x), initial=0.0), tq.format, tq.scale_min, tq.margin)
+    return quantize(x, tq.format, scale, rounding=tq.rounding, key=key)
+
+
+def random_hadamard(size: int, key: jax.Array) -> jax.Array:
+    """``H diag(s) / sqrt(size)``: a Sylvester Hadamard matrix with random signs ``s`` from
+    ``key``; orthogonal (float32)."""
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < size:
+        h = np.block([[h, h], [h, -h]])
+    signs = jnp.where(jax.random.bernoulli(key, 0.5, (size,)), 1.0, -1.0)
+    return jnp.asarray(h) * signs[None, :] / jnp.sqrt(jnp.float32(size))
+
+
+def _rotate_tokens(x: jax.Array, tokens: tuple[int, ...], rotation: jax.Array) -> jax.Array:
+    """``rotation`` applied to consecutive groups of the (merged) token axes of ``x``."""
+    size = rotation.shape[0]
+    rest = free_axes(x.ndim, tokens)
+    order = (*tokens, *rest)
+    moved = jnp.transpose(x, order)
+    count = math.prod(moved.shape[: len(tokens)])
+    if count % size:
+        raise ValueError(
+            f"hadamard={size} needs a multiple of {size} tokens in the weight-gradient GEMM, "
+            f"got {count}"
+        )
+    grouped = moved.reshape(count // size, size, -1)
+    rotated = jnp.einsum("ij,gjk->gik", rotation, grouped, precision=jax.lax.Precision.HIGHEST)
+    return jnp.transpose(rotated.reshape(moved.shape), np.argsort(order))
 
 
 def _merged_block_stats(x, q, tq, axes) -> QuantStats:
@@ -626,9 +683,13 @@ def _block_contract(contract, lhs, rhs, config, state, keys, axes):
             "delayed output-gradient scaling is not supported there"
         )
     probe = state.output_grads_stats
-    policy = _BlockPolicy(contract, axes, config.inputs, config.weights, grads, probe is not None)
+    policy = _BlockPolicy(
+        contract, axes, config.inputs, config.weights, grads, probe is not None, config.hadamard
+    )
     role_keys_ = (keys["inputs"], keys["weights"], keys["output_grads"])
-    y = _block_gemm(policy, lhs, rhs, fixed["inputs"], fixed["weights"], probe, role_keys_)
+    y = _block_gemm(
+        policy, lhs, rhs, fixed["inputs"], fixed["weights"], probe, role_keys_, keys.get("hadamard")
+    )
     return y, dataclasses.replace(state, **changes), stats
 
 

@@ -145,7 +145,9 @@ def test_bfloat16_input_and_straight_through_gradient():
     xb = x.astype(jnp.bfloat16)
     qb = ag.quantize(xb, ag.MXFP4)
     assert qb.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(qb.astype(jnp.float32), ag.quantize(xb.astype(jnp.float32), ag.MXFP4))
+    np.testing.assert_array_equal(
+        qb.astype(jnp.float32), ag.quantize(xb.astype(jnp.float32), ag.MXFP4)
+    )
     grad = jax.jit(jax.grad(lambda v: jnp.sum(ag.quantize(v, ag.NVFP4) * 3.0)))(x)
     np.testing.assert_array_equal(grad, jnp.full_like(x, 3.0))
     batched = jax.vmap(lambda v: ag.quantize(v, ag.MXFP8_E5M2))(x)

@@ -60,7 +60,9 @@ def test_subnormal_count_follows_the_format_min_normal(fmt):
 
 
 def test_stats_add_and_survive_the_float32_probe_exactly():
-    big = QuantStats(jnp.asarray([2**31 + 12345, 2**24 + 1, 7, 0, 3, 1, 0, 9, 1, 2], jnp.uint32), 0.5)
+    big = QuantStats(
+        jnp.asarray([2**31 + 12345, 2**24 + 1, 7, 0, 3, 1, 0, 9, 1, 2], jnp.uint32), 0.5
+    )
     total = big + big
     np.testing.assert_array_equal(total.counts[:3], np.uint32([24690, 2**25 + 2, 14]))
     assert float(total.scale) == 0.5

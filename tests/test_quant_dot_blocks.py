@@ -12,6 +12,7 @@ from flax import nnx
 import altgrad_jax as ag
 from altgrad_jax import linen as qlinen
 from altgrad_jax import nnx as qnnx
+from altgrad_jax import quant_dot as qd
 from altgrad_jax.config import QuantConfig, TensorQuant
 from altgrad_jax.quant_dot import QuantStats
 
@@ -112,3 +113,29 @@ def test_block_formats_refuse_what_they_cannot_do():
     batched = qlinen.QuantEinsum((4, 3, 5), "bhk,hkn->bhn", config=QuantConfig(ag.MXFP4, ag.MXFP4))
     with pytest.raises(ValueError, match="batch axes"):
         batched.init(jax.random.key(0), jnp.ones((2, 4, 3)))
+
+
+def test_random_hadamard_is_orthogonal_and_leaves_the_unquantized_gemm_unchanged():
+    rotation = np.asarray(qd.random_hadamard(16, jax.random.key(0)), np.float64)
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(16), atol=1e-7)
+    assert sorted(set(np.abs(rotation).ravel().tolist())) == [0.25]
+    config = QuantConfig(None, None, None, hadamard=16)
+    layer = qlinen.QuantDense(40, config=config)
+    variables = layer.init({"params": jax.random.key(3), "quant": jax.random.key(4)}, X)
+
+    def loss(params, rotated):
+        cfg = config if rotated else QuantConfig(None, None, None)
+        out = qlinen.QuantDense(40, config=cfg).apply(
+            {"params": params}, X, rngs={"quant": jax.random.key(5)}
+        )
+        return jnp.sum(out * DY)
+
+    rotated = jax.grad(loss)(variables["params"], True)
+    plain = jax.grad(loss)(variables["params"], False)
+    np.testing.assert_allclose(rotated["kernel"], plain["kernel"], rtol=2e-6, atol=1e-4)
+    mx = qlinen.QuantDense(4, config=QuantConfig(None, None, ag.MXFP4, hadamard=16))
+    rngs = {"params": jax.random.key(0), "quant": jax.random.key(1)}
+    x = jnp.ones((10, 32))
+    params = mx.init(rngs, x)["params"]
+    with pytest.raises(ValueError, match="multiple of 16"):
+        jax.grad(lambda p: jnp.sum(mx.apply({"params": p}, x, rngs=rngs)))(params)
