@@ -3,7 +3,8 @@
 Trains a quantized Linen MLP for a few steps on one device, data-parallel over 8 devices and
 data x model parallel over a 2 x 4 mesh, and checks that the numbers agree and that the amax
 recorded under sharding is the global one; then runs monitored Adam into stochastic storage on
-the model-sharded weights. Prints OK on success.
+the model-sharded weights, and an MXFP4 layer with its contraction axis sharded. Prints OK on
+success.
 """
 
 import os
@@ -89,8 +90,34 @@ def check_optimizer(variables, put_params):
         np.testing.assert_allclose(sharded[1].total.landed, reference[1].total.landed, rtol=1e-6)
 
 
+def check_block_formats():
+    """MXFP4 with the contraction axis (K = 256, 8 blocks of 32) sharded over 8 devices: each
+    shard holds whole blocks, and forward and gradients equal one device bit for bit."""
+    config = QuantConfig("MXFP4", "MXFP4", "MXFP8_E5M2")
+    layer = QuantDense(16, config=config)
+    x = jax.random.normal(jax.random.key(7), (64, 256)) * 4
+    variables = layer.init(jax.random.key(8), x)
+
+    @jax.jit
+    def value_and_grads(params, x):
+        return jax.value_and_grad(
+            lambda p, x: jnp.sum(jnp.sin(layer.apply({"params": p}, x))), argnums=(0, 1)
+        )(params, x)
+
+    reference = value_and_grads(variables["params"], x)
+    mesh = Mesh(np.array(jax.devices()), ("k",))
+    sharded_x = jax.device_put(x, NamedSharding(mesh, P(None, "k")))
+    sharded_params = {
+        "kernel": jax.device_put(variables["params"]["kernel"], NamedSharding(mesh, P("k"))),
+        "bias": variables["params"]["bias"],
+    }
+    result = value_and_grads(sharded_params, sharded_x)
+    jax.tree.map(np.testing.assert_array_equal, result, reference)
+
+
 def main():
     assert jax.device_count() == 8, jax.devices()
+    check_block_formats()
     keys = jax.random.split(jax.random.key(0), 8)
     batches = [
         (jax.random.normal(keys[i], (32, 16)) * (i + 1), jax.random.normal(keys[i + 4], (32, 8)))
