@@ -82,11 +82,15 @@ class UpdateRule:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Static hyperparameters of a run (hashable)."""
+    """Static hyperparameters of a run (hashable); the sweep's CLI shows each ``help``."""
 
-    batch_size: int = 32
-    learning_rate: float = 3e-3
-    eval_batches: int = 8
+    batch_size: int = dataclasses.field(default=16, metadata={"help": "sequences per step"})
+    learning_rate: float = dataclasses.field(
+        default=3e-3, metadata={"help": "Adam learning rate", "flag": "--lr"}
+    )
+    eval_batches: int = dataclasses.field(
+        default=8, metadata={"help": "fixed validation batches per evaluation"}
+    )
 
 
 class RunState(NamedTuple):
