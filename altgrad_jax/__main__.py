@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from altgrad_jax.formats import format_table
 
+if TYPE_CHECKING:
+    from altgrad_jax.experiments.sweep import ConfigOption
+
 PROG = "altgrad-jax"
+DEFAULT_OUT = "runs/sweep"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,34 +27,79 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
 def _names(values: Sequence[str]) -> tuple[str, ...]:
     """Accepts ``E4M3 E5M2`` as well as ``E4M3,E5M2``."""
     return tuple(name for value in values for name in value.split(",") if name)
 
 
-def _parser() -> argparse.ArgumentParser:
-    from altgrad_jax.experiments.sweep import DEFAULT_FORMATS, DEFAULT_RULES, RULE_NAMES
+def _show(value: Any) -> str:
+    """A default as the user would type it."""
+    return " ".join(value) if isinstance(value, tuple) else str(value)
 
+
+def _converter(option: ConfigOption) -> Callable[[str], Any]:
+    """Text to the option's type, checked by the option's own check (the config's)."""
+    kind = float if option.type == (float | None) else option.type
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            expects = option.check.expects if option.check else f"a {kind.__name__}"
+            raise argparse.ArgumentTypeError(f"expected {expects}, got {text!r}") from None
+        if option.check is not None and not option.check.ok(value):
+            raise argparse.ArgumentTypeError(f"expected {option.check.expects}, got {value!r}")
+        return value
+
+    return convert
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per leaf field of :class:`SweepConfig`: its flag, help and default."""
+    from altgrad_jax.experiments.sweep import config_options
+
+    for option in config_options():
+        dest = ".".join(option.path)
+        if option.type is bool:
+            action = "store_false" if option.default else "store_true"
+            verb = "turn off" if option.default else "turn on"
+            help = f"{verb}: {option.help} (default: {'on' if option.default else 'off'})"
+            parser.add_argument(option.flag, dest=dest, action=action, help=help)
+        elif option.type == tuple[str, ...]:
+            metavar = option.name.upper().rstrip("S")
+            help = f"{option.help} (default: {_show(option.default)})"
+            parser.add_argument(
+                option.flag,
+                dest=dest,
+                nargs="+",
+                metavar=metavar,
+                default=option.default,
+                help=help,
+            )
+        else:
+            help = f"{option.help} (default: {_show(option.default)})"
+            parser.add_argument(
+                option.flag,
+                dest=dest,
+                type=_converter(option),
+                default=option.default,
+                metavar=option.name.upper(),
+                help=help,
+            )
+
+
+def _config_from_args(args: argparse.Namespace):
+    """The :class:`SweepConfig` of the parsed flags."""
+    from altgrad_jax.experiments.sweep import build_config, config_options
+
+    values = {}
+    for option in config_options():
+        value = getattr(args, ".".join(option.path))
+        values[option.path] = _names(value) if option.type == tuple[str, ...] else value
+    return build_config(values)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Simulated low-bit float training and bit-stall.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     commands.add_parser("formats", help="print the table of registered formats")
@@ -57,38 +107,10 @@ def _parser() -> argparse.ArgumentParser:
         "sweep",
         help="train a char transformer under each format and update rule, and compare",
         description="Trains the same small model under each format and update rule and writes "
-        "a table, results.json/csv, plots and report.md to the output folder.",
+        "a table, results.json/csv, plots and report.md to the output folder. results.json and "
+        "results.csv are rewritten after every run, so an interrupted sweep keeps what it did.",
     )
-    sweep.add_argument(
-        "--formats",
-        nargs="+",
-        default=list(DEFAULT_FORMATS),
-        metavar="FMT",
-        help=f"formats to run (default: {' '.join(DEFAULT_FORMATS)})",
-    )
-    sweep.add_argument(
-        "--rules",
-        nargs="+",
-        default=list(DEFAULT_RULES),
-        metavar="RULE",
-        help=f"update rules, from {', '.join(RULE_NAMES)} (default: {' '.join(DEFAULT_RULES)})",
-    )
-    sweep.add_argument("--no-baseline", action="store_true", help="skip the float32 run")
-    sweep.add_argument("--steps", type=_positive_int, default=300, help="steps per run")
-    sweep.add_argument("--eval-every", type=_positive_int, default=50, help="steps per eval")
-    sweep.add_argument("--seed", type=int, default=0)
-    sweep.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam learning rate")
-    sweep.add_argument(
-        "--ulp-steps",
-        type=_positive_float,
-        default=1.0,
-        help="grid steps per unit of Adam's direction for the 'ulp' rule",
-    )
-    sweep.add_argument("--batch-size", type=_positive_int, default=16)
-    sweep.add_argument("--context", type=_positive_int, default=64, help="characters per sequence")
-    sweep.add_argument("--d-model", type=_positive_int, default=64)
-    sweep.add_argument("--heads", type=_positive_int, default=4)
-    sweep.add_argument("--layers", type=_positive_int, default=2)
+    _add_config_arguments(sweep)
     data = sweep.add_mutually_exclusive_group()
     data.add_argument("--text", metavar="PATH", help="train on this UTF-8 text file instead")
     data.add_argument(
@@ -96,44 +118,34 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the tiny synthetic Markov-chain text (for quick checks)",
     )
-    sweep.add_argument("--out", default="runs/sweep", help="output folder (default: runs/sweep)")
+    sweep.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def _sweep_inputs(args: argparse.Namespace):
-    """The sweep config and corpus from the arguments; ``ValueError`` for bad input."""
-    from altgrad_jax.experiments import data
-    from altgrad_jax.experiments.sweep import SweepConfig
+    """The sweep config and corpus from the arguments, the output folder checked writable.
 
-    config = SweepConfig(
-        formats=_names(args.formats),
-        rules=_names(args.rules),
-        baseline=not args.no_baseline,
-        steps=args.steps,
-        eval_every=args.eval_every,
-        seed=args.seed,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        context=args.context,
-        d_model=args.d_model,
-        n_heads=args.heads,
-        n_layers=args.layers,
-        ulp_steps=args.ulp_steps,
-    )
-    config.model_config(2)  # checks the model size before any data is read
+    Raises ``ValueError`` (one line) for bad input, before any training.
+    """
+    from altgrad_jax.experiments import data
+    from altgrad_jax.experiments.report import check_output_dir
+
+    config = _config_from_args(args)
     if args.text is not None:
         text, name = data.load_text_file(args.text), args.text
     elif args.synthetic:
         text, name = data.synthetic_text(), "synthetic Markov chain"
     else:
         text, name = data.stdlib_text(), "CPython pydoc_data.topics"
-    return config, data.make_corpus(text, name, min_split=args.context + 2)
+    corpus = data.make_corpus(text, name, min_split=config.model.context + 2)
+    check_output_dir(args.out)
+    return config, corpus
 
 
 def _sweep(args: argparse.Namespace, config, corpus) -> None:
     from altgrad_jax.experiments.report import format_table as results_table
-    from altgrad_jax.experiments.report import write_outputs
+    from altgrad_jax.experiments.report import write_outputs, write_results
     from altgrad_jax.experiments.sweep import run_sweep
 
     bar = None
@@ -151,13 +163,20 @@ def _sweep(args: argparse.Namespace, config, corpus) -> None:
             bar.set_postfix_str(label, refresh=False)
             bar.update(steps)
 
-    result = run_sweep(config, corpus, progress)
-    if bar is not None:
-        bar.close()
+    try:
+        result = run_sweep(
+            config, corpus, progress, on_run=lambda so_far: write_results(so_far, args.out)
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     written = write_outputs(result, args.out)
     print(results_table(result))
     compiled = ", ".join(f"{rule}: {n}" for rule, n in result.compilations.items())
-    print(f"\n{len(result.runs)} runs in {result.wall_time_s:.1f} s; compilations: {compiled}")
+    print(
+        f"\n{len(result.runs)} runs in {result.wall_time_s:.1f} s "
+        f"({result.compile_time_s:.1f} s compiling); compilations: {compiled}"
+    )
     print(f"wrote {', '.join(path.name for path in written)} to {args.out}")
 
 
@@ -173,7 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"{PROG} sweep: error: {err}", file=sys.stderr)
         return 2
-    _sweep(args, config, corpus)
+    try:
+        _sweep(args, config, corpus)
+    except KeyboardInterrupt:
+        print(f"{PROG} sweep: interrupted; finished runs are in {args.out}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,77 +1,63 @@
 """What a sweep writes: a terminal table, results.json / results.csv, PNG plots and report.md.
 
 ``results.json`` is ``{"meta": {...}, "runs": [{...}, ...]}``; the fields of a run are documented
-in :data:`RUN_FIELDS` and those of ``meta`` in :data:`META_FIELDS`. ``results.csv`` has one row
-per run with the scalar fields (the per-role rates flattened to ``saturation_weights`` etc.).
+in :data:`RUN_FIELDS` and those of ``meta`` in :data:`META_FIELDS`, both read from the field
+metadata of :class:`RunResult` and :class:`SweepResult`. ``results.csv`` has one row per run with
+the columns of :func:`csv_columns` (the per-role rates flattened to ``saturation_weights`` etc.).
 Rates are fractions in [0, 1]; ``null`` means "not measured" (the float32 baseline quantizes
 nothing) or "not reached" (a run that diverged has no final loss).
+
+:func:`write_results` writes the two results files and is cheap enough to call after every run,
+so an interrupted sweep keeps what it finished; :func:`check_output_dir` says before any training
+whether the folder can be written.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from altgrad_jax.optim import HISTOGRAM_EDGES, HISTOGRAM_LABELS
 
-from .sweep import BASELINE, RunResult, SweepResult
+from .sweep import BASELINE, ROLES, RunResult, SweepResult, stores_nearest
 
 __all__ = [
     "META_FIELDS",
     "OUTPUT_FILES",
+    "RESULTS_FILES",
     "RUN_FIELDS",
+    "check_output_dir",
+    "csv_columns",
     "format_table",
     "write_outputs",
+    "write_results",
 ]
 
 RUN_FIELDS: dict[str, str] = {
-    "format": "format name, null for the float32 baseline",
-    "rule": "update rule: float32, or the weight storage rule (nearest, stochastic, ...)",
-    "status": "'ok', or 'diverged' when the loss or a weight became non-finite or too large",
-    "diverged_step": "1-based step of the divergence, null when the run finished",
-    "steps_run": "train steps executed (up to and including the diverged step)",
-    "final_val_loss": "validation loss (nats/char) after the last step; null if diverged",
-    "best_val_loss": "lowest validation loss seen at any evaluation",
-    "best_step": "the step of best_val_loss",
-    "final_train_loss": "training loss of the last step before the end or the divergence",
-    "stall_rate": "mean over steps of the fraction of weights with |g| > 1e-10 whose stored "
-    "value Adam's update would not change under nearest rounding: Q(w + u) == Q(w)",
-    "final_stall_rate": "stall_rate over the last fifth of the steps",
-    "flip_rate": "mean over steps of the fraction of stored weights that changed",
-    "landed_ratio": "sum |stored weight change| / sum |requested update| over the run: near 1 "
-    "the movement arrives (in expectation), near 0 it is lost",
-    "saturation": "per role (weights, activations, gradients): fraction of entries whose "
-    "scaled magnitude exceeded the format's largest value",
-    "underflow": "per role: fraction of nonzero entries that were quantized to zero",
-    "update_ulp_hist": "counts over the run of |u| / ulp(w) in bins (labels are the bin "
-    "ranges, '0' counts zero updates; below 1/2 a nearest-rounded update is lost)",
-    "wall_time_s": "seconds for the run, including the first compilation of its rule",
-    "eval_steps": "steps at which the validation loss was measured",
-    "val_losses": "validation loss at each of eval_steps",
-    "train_loss": "training loss at every step",
-    "stall_curve": "stall rate at every step (empty for the baseline)",
-    "flip_curve": "flip rate at every step (empty for the baseline)",
+    field.name: field.metadata["doc"] for field in dataclasses.fields(RunResult)
 }
 
 META_FIELDS: dict[str, str] = {
-    "corpus": "where the text came from",
-    "vocab_size": "characters in the vocabulary",
-    "num_params": "parameters of the model",
-    "config": "the SweepConfig (formats, rules, steps, seed, learning rate, model size...)",
-    "compilations": "compiled programs per rule (init, train chunk, tail chunk, evaluation); "
-    "one set serves every format",
-    "wall_time_s": "seconds for the whole sweep",
+    **{
+        field.name: field.metadata["doc"]
+        for field in dataclasses.fields(SweepResult)
+        if field.name != "runs"
+    },
+    "complete": "whether every run of the config finished (false for an interrupted sweep)",
     "jax_version": "the JAX that ran it",
     "hist_edges": "bin edges of update_ulp_hist",
     "fields": "this documentation of the run fields",
 }
 
+RESULTS_FILES: tuple[str, ...] = ("results.json", "results.csv")
 OUTPUT_FILES: tuple[str, ...] = (
-    "results.json",
-    "results.csv",
+    *RESULTS_FILES,
     "report.md",
     "loss_curves.png",
     "stall_rate.png",
@@ -79,23 +65,37 @@ OUTPUT_FILES: tuple[str, ...] = (
     "update_ulp_hist.png",
 )
 
-_SCALARS = (
-    "format",
-    "rule",
-    "status",
-    "diverged_step",
-    "steps_run",
-    "final_val_loss",
-    "best_val_loss",
-    "best_step",
-    "final_train_loss",
-    "stall_rate",
-    "final_stall_rate",
-    "flip_rate",
-    "landed_ratio",
-    "wall_time_s",
+# What the stall rate means, said wherever it is shown.
+STALL_MEANING = (
+    "Stall is the fraction of Adam's updates that nearest rounding onto the storage grid would "
+    "lose (Q(w + u) == Q(w)). Under nearest storage (rules nearest and ulp) those updates are "
+    "lost; under stochastic, compensated and master storage the same number is what nearest "
+    "rounding would have lost: those rules land such updates, in expectation or later, which "
+    "the landed ratio shows."
 )
-_ROLES = ("weights", "activations", "gradients")
+
+
+def csv_columns() -> list[str]:
+    """The columns of ``results.csv``, from the ``csv`` metadata of :class:`RunResult`'s fields."""
+    columns = []
+    for field in dataclasses.fields(RunResult):
+        layout = field.metadata["csv"]
+        if layout == "column":
+            columns.append(field.name)
+        elif layout == "per_role":
+            columns += [f"{field.name}_{role}" for role in ROLES]
+    return columns
+
+
+def _csv_row(run: RunResult) -> list[Any]:
+    row: list[Any] = []
+    for field in dataclasses.fields(RunResult):
+        layout, value = field.metadata["csv"], getattr(run, field.name)
+        if layout == "column":
+            row.append(value)
+        elif layout == "per_role":
+            row += [value[role] for role in ROLES]
+    return ["" if value is None else value for value in row]
 
 
 def _pct(value: float | None) -> str:
@@ -125,7 +125,8 @@ def format_table(result: SweepResult) -> str:
         "underflow w/a/g",
         "saturation w/a/g",
         "status",
-        "time s",
+        "run s",
+        "compile s",
     )
     rows = [header]
     for run in result.runs:
@@ -138,10 +139,11 @@ def format_table(result: SweepResult) -> str:
                 _pct(run.stall_rate),
                 _pct(run.flip_rate),
                 _num(run.landed_ratio, 2),
-                "/".join(_small_pct(run.underflow[r]) for r in _ROLES),
-                "/".join(_small_pct(run.saturation[r]) for r in _ROLES),
+                "/".join(_small_pct(run.underflow[r]) for r in ROLES),
+                "/".join(_small_pct(run.saturation[r]) for r in ROLES),
                 run.status if run.diverged_step is None else f"diverged@{run.diverged_step}",
                 f"{run.wall_time_s:.1f}",
+                f"{run.compile_time_s:.1f}",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -153,37 +155,75 @@ def format_table(result: SweepResult) -> str:
 def _meta(result: SweepResult) -> dict[str, Any]:
     import jax
 
+    meta = {
+        field.name: getattr(result, field.name)
+        for field in dataclasses.fields(result)
+        if field.name != "runs"
+    }
     return {
-        "corpus": result.corpus,
-        "vocab_size": result.vocab_size,
-        "num_params": result.num_params,
+        **meta,
         "config": dataclasses.asdict(result.config),
-        "compilations": result.compilations,
-        "wall_time_s": result.wall_time_s,
+        "complete": result.complete,
         "jax_version": jax.__version__,
         "hist_edges": list(HISTOGRAM_EDGES),
         "fields": RUN_FIELDS,
     }
 
 
-def _write_json(result: SweepResult, path: Path) -> None:
+def _write_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to a temporary file beside ``path`` and renames it over ``path``.
+
+    An interrupt while writing leaves the previous complete file, never half of a new one.
+    """
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=f".{path.name}.", delete=False, newline=""
+    ) as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+
+
+def _results_json(result: SweepResult) -> str:
     runs = [dataclasses.asdict(run) for run in result.runs]
-    path.write_text(json.dumps({"meta": _meta(result), "runs": runs}, indent=1) + "\n")
+    return json.dumps({"meta": _meta(result), "runs": runs}, indent=1) + "\n"
 
 
-def _write_csv(result: SweepResult, path: Path) -> None:
-    columns = [
-        *_SCALARS,
-        *(f"saturation_{r}" for r in _ROLES),
-        *(f"underflow_{r}" for r in _ROLES),
-    ]
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for run in result.runs:
-            row = [getattr(run, name) for name in _SCALARS]
-            row += [run.saturation[r] for r in _ROLES] + [run.underflow[r] for r in _ROLES]
-            writer.writerow(["" if value is None else value for value in row])
+def _results_csv(result: SweepResult) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(csv_columns())
+    writer.writerows(_csv_row(run) for run in result.runs)
+    return buffer.getvalue()
+
+
+def check_output_dir(out_dir: str | Path) -> Path:
+    """Creates ``out_dir`` if needed and checks a file can be written there; returns its path.
+
+    Called before training, so a bad ``--out`` fails in a second rather than after the sweep.
+
+    Raises:
+      ValueError: one line naming the folder and the reason.
+    """
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ValueError(f"cannot write to output folder {str(out)!r}: {reason}") from None
+    return out
+
+
+def write_results(result: SweepResult, out_dir: str | Path) -> list[Path]:
+    """Writes :data:`RESULTS_FILES` (the runs so far) into ``out_dir``; returns their paths.
+
+    Each file is replaced whole, so calling this after every run keeps a readable record of a
+    sweep that is interrupted later.
+    """
+    out = Path(out_dir)
+    _write_atomic(out / "results.json", _results_json(result))
+    _write_atomic(out / "results.csv", _results_csv(result))
+    return [out / name for name in RESULTS_FILES]
 
 
 def _rules(result: SweepResult) -> list[str]:
@@ -201,6 +241,20 @@ def _smooth(values: list[float | None], width: int) -> tuple[list[int], list[flo
         xs.append(i + width)
         ys.append(sum(clean[i : i + width]) / width)
     return xs, ys
+
+
+_STALL_CAPTION = (
+    "Stall: updates that nearest rounding onto the storage grid would lose, Q(w + u) == Q(w). "
+    "Lost under nearest and ulp storage; stochastic, compensated and master storage land them "
+    "(in expectation or later), so there the curve is what nearest rounding would have lost."
+)
+
+
+def _stall_label(rule: str) -> str:
+    """The y label of a stall curve: lost updates, or what nearest rounding would have lost."""
+    if stores_nearest(rule):
+        return "stall rate (updates lost)"
+    return "stall rate (what nearest would lose;\nthis rule lands them)"
 
 
 def _plot_per_rule(result: SweepResult, path: Path, what: str) -> None:
@@ -232,10 +286,14 @@ def _plot_per_rule(result: SweepResult, path: Path, what: str) -> None:
             ax.plot(baseline.eval_steps, baseline.val_losses, "k--", label=BASELINE)
         ax.set_title(f"rule: {rule}")
         ax.set_xlabel("step")
-        ax.set_ylabel({"loss": "validation loss", "stall": "stall rate", "flip": "flip rate"}[what])
+        ylabel = {"loss": "validation loss", "stall": _stall_label(rule), "flip": "flip rate"}
+        ax.set_ylabel(ylabel[what], fontsize=8 if what == "stall" else None)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
+    if what == "stall":
+        fig.subplots_adjust(bottom=0.22)
+        fig.text(0.01, 0.01, _STALL_CAPTION, fontsize=7, va="bottom", wrap=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -329,14 +387,20 @@ def _report_md(result: SweepResult) -> str:
         "",
         f"Character-level transformer ({result.num_params:,} parameters) on `{result.corpus}` "
         f"(vocabulary {result.vocab_size}), {cfg.steps} Adam steps at learning rate "
-        f"{cfg.learning_rate:g}, batch {cfg.batch_size} x {cfg.context} characters, seed "
-        f"{cfg.seed}. Weights are stored on the format's grid by the update rule; activations "
-        "and gradients of every dense layer are quantized with current per-tensor scaling. "
-        f"Sweep wall time {result.wall_time_s:.0f} s; compiled programs per rule: "
+        f"{cfg.train.learning_rate:g}, batch {cfg.train.batch_size} x {cfg.model.context} "
+        f"characters, seed {cfg.seed}. Weights are stored on the format's grid by the update "
+        "rule; activations and gradients of every dense layer are quantized with current "
+        f"per-tensor scaling. Sweep wall time {result.wall_time_s:.0f} s, of which "
+        f"{result.compile_time_s:.0f} s compiling; compiled programs per rule: "
         + ", ".join(f"{rule} {n}" for rule, n in result.compilations.items())
         + ".",
         "",
     ]
+    if not result.complete:
+        lines += [
+            f"**Incomplete sweep**: {len(result.runs)} of {len(cfg.runs())} runs finished.",
+            "",
+        ]
     lines += _answer(result)
     if baseline is not None:
         lines += [
@@ -355,6 +419,8 @@ def _report_md(result: SweepResult) -> str:
             f"its stored weights unchanged (final validation loss "
             f"{_num(worst.final_val_loss)}). {best.format} stalls least, "
             f"{_pct(best.stall_rate)}.",
+            "",
+            STALL_MEANING,
             "",
             "| format | stall | flip | val loss | status |",
             "|---|---|---|---|---|",
@@ -405,12 +471,10 @@ def write_outputs(result: SweepResult, out_dir: str | Path) -> list[Path]:
 
     The PNG plots need matplotlib (the "experiments" extra); without it they are skipped.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(result, out / "results.json")
-    _write_csv(result, out / "results.csv")
+    out = check_output_dir(out_dir)
+    written = write_results(result, out)
     (out / "report.md").write_text(_report_md(result))
-    written = [out / "results.json", out / "results.csv", out / "report.md"]
+    written.append(out / "report.md")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
