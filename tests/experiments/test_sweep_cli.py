@@ -12,9 +12,11 @@ import pytest
 from altgrad_jax.__main__ import main
 from altgrad_jax.experiments import data
 from altgrad_jax.experiments.report import META_FIELDS, OUTPUT_FILES, RUN_FIELDS
-from altgrad_jax.experiments.sweep import SweepConfig, run_sweep
+from altgrad_jax.experiments.sweep import ModelSize, SweepConfig, run_sweep
+from altgrad_jax.experiments.train import TrainConfig
 
 TINY = ["--context", "8", "--d-model", "8", "--heads", "2", "--layers", "1", "--batch-size", "4"]
+TINY_MODEL = ModelSize(context=8, d_model=8, n_heads=2, n_layers=1)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +63,8 @@ def test_results_json_has_the_documented_fields(sweep_dir):
 def test_diverging_run_is_reported_not_raised():
     corpus = data.make_corpus(data.synthetic_text(2000), "synthetic")
     config = SweepConfig(
-        formats=(), rules=(), steps=6, eval_every=3, learning_rate=1e4,
-        batch_size=4, context=8, d_model=8, n_heads=2, n_layers=1,
+        formats=(), rules=(), steps=6, eval_every=3,
+        train=TrainConfig(batch_size=4, learning_rate=1e4), model=TINY_MODEL,
     )  # fmt: skip
     (run,) = run_sweep(config, corpus).runs
     assert run.status == "diverged"
@@ -76,7 +78,12 @@ def test_diverging_run_is_reported_not_raised():
         (["--formats", "E9M9"], "unknown format 'E9M9'; known formats: E0M7"),
         (["--rules", "magic"], "unknown rule 'magic'; known rules: nearest"),
         (["--steps", "-5"], "--steps: expected a positive integer, got -5"),
+        (["--steps", "0"], "--steps: expected a positive integer, got 0"),
+        (["--steps", "ten"], "--steps: expected a positive integer, got 'ten'"),
         (["--lr", "0"], "--lr: expected a positive number, got 0.0"),
+        (["--heads", "3"], "d_model=64 is not divisible by n_heads=3"),
+        (["--formats", "E4M3", "--rules", "float32"], "unknown rule 'float32'; known rules"),
+        (["--out", "/dev/null/sweep"], "cannot write to output folder '/dev/null/sweep'"),
         (["--text", "/no/such/file.txt"], "cannot read text file '/no/such/file.txt'"),
     ],
 )
@@ -108,3 +115,123 @@ def test_formats_command_prints_the_table(capsys):
     assert main(["formats"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[0] == "name" and "E5M2" in out
+
+
+def _parse(argv):
+    from altgrad_jax.__main__ import _config_from_args, _parser
+
+    return _config_from_args(_parser().parse_args(["sweep", *argv]))
+
+
+def test_cli_defaults_are_the_config_defaults():
+    import dataclasses
+
+    from altgrad_jax.experiments.model import ModelConfig
+    from altgrad_jax.experiments.sweep import config_options
+
+    assert _parse([]) == SweepConfig()
+    assert SweepConfig().train == TrainConfig()
+    paths = {option.path for option in config_options()}
+    # Every field of the configs the sweep holds is an option, with that config's own default.
+    for field in dataclasses.fields(TrainConfig):
+        assert ("train", field.name) in paths
+        assert getattr(SweepConfig().train, field.name) == field.default
+    for field in dataclasses.fields(ModelConfig):
+        if field.name != "vocab_size":
+            assert ("model", field.name) in paths
+            assert getattr(SweepConfig().model, field.name) == field.default
+
+
+def test_cli_flags_reach_the_config():
+    config = _parse(["--lr", "0.01", "--heads", "2", "--layers", "3", "--batch-size", "8"])
+    assert config.train == TrainConfig(batch_size=8, learning_rate=0.01)
+    assert (config.model.n_heads, config.model.n_layers) == (2, 3)
+    config = _parse(["--no-baseline", "--formats", "e4m3,E5M2", "--rules", "nearest", "ulp"])
+    assert not config.baseline and config.formats == ("E4M3", "E5M2")
+    assert config.rules == ("nearest", "ulp")
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    from altgrad_jax.__main__ import _show
+    from altgrad_jax.experiments.sweep import config_options
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in config_options():
+        shown = (
+            ("on" if option.default else "off") if option.type is bool else _show(option.default)
+        )
+        assert f"{option.flag} " in text
+        assert f"{option.help} (default: {shown})" in text, option.flag
+    assert "(default: runs/sweep)" in text
+
+
+def test_unwritable_out_fails_before_training(tmp_path, monkeypatch, capsys):
+    from altgrad_jax.experiments import sweep
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking the output folder")
+
+    monkeypatch.setattr(sweep, "run_sweep", no_training)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["sweep", "--synthetic", "--out", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"altgrad-jax sweep: error: cannot write to output folder '{blocker}")
+
+
+def test_interrupted_sweep_keeps_the_finished_runs(tmp_path, monkeypatch, capsys):
+    """The results files are written after each run: interrupting the second keeps the first."""
+    from altgrad_jax.experiments import sweep
+
+    real_run_sweep = sweep.run_sweep
+
+    def interrupted(config, corpus, progress=None, on_run=None):
+        def stop_in_second_run(steps, label):
+            if label != "float32":
+                raise KeyboardInterrupt
+
+        return real_run_sweep(config, corpus, stop_in_second_run, on_run)
+
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    argv = ["sweep", "--synthetic", "--steps", "2", "--eval-every", "2", *TINY, "--no-progress"]
+    assert main([*argv, "--formats", "E4M3", "--rules", "nearest", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.count("\n") == 1
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [run["rule"] for run in results["runs"]] == ["float32"]
+    assert results["meta"]["complete"] is False
+    with (tmp_path / "results.csv").open() as handle:
+        assert [row["rule"] for row in csv.DictReader(handle)] == ["float32"]
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_one_train_program_per_chunk_length_per_rule_whatever_the_formats():
+    corpus = data.make_corpus(data.synthetic_text(2000), "synthetic")
+    small = dict(steps=4, eval_every=3, train=TrainConfig(batch_size=4), model=TINY_MODEL)
+    counts = []
+    for formats in (("E4M3",), ("E4M3", "E5M2", "E7M0")):
+        result = run_sweep(SweepConfig(formats=formats, rules=("nearest",), **small), corpus)
+        # init, the 3-step chunk, the 1-step tail chunk, evaluation
+        assert result.compilations == {"float32": 4, "nearest": 4}
+        counts.append(result.compilations)
+        first, *others = [run for run in result.runs if run.rule == "nearest"]
+        assert first.compile_time_s > 0 and all(run.compile_time_s == 0 for run in others)
+        assert result.compile_time_s == pytest.approx(sum(r.compile_time_s for r in result.runs))
+    assert counts[0] == counts[1]
+
+
+def test_compiled_program_compiles_once_per_signature():
+    import jax.numpy as jnp
+
+    from altgrad_jax.experiments.sweep import CompiledProgram
+    from altgrad_jax.formats import format_params, get_format
+
+    program = CompiledProgram(lambda x, fmt: x * fmt.max_value)
+    for name in ("E4M3", "E5M2", "E7M0"):
+        fmt = format_params(get_format(name)).as_arrays()
+        assert float(program(jnp.ones(3), fmt)[0]) == get_format(name).max_value
+    assert program.compilations == 1
+    program(jnp.ones(4), fmt)
+    assert program.compilations == 2
