@@ -7,8 +7,12 @@ The same from Python::
     from altgrad_jax.experiments import (
         SweepConfig, make_corpus, run_sweep, stdlib_text, write_outputs,
     )
-    result = run_sweep(SweepConfig(formats=("E5M2", "E4M3")), make_corpus(stdlib_text(), "stdlib"))
+    config = SweepConfig(formats=("E5M2", "E4M3"), train=TrainConfig(learning_rate=1e-3))
+    result = run_sweep(config, make_corpus(stdlib_text(), "stdlib"))
     write_outputs(result, "runs/sweep")
+
+(``run_sweep(..., on_run=lambda so_far: write_results(so_far, out))`` writes the results files
+after every run, as the command line does.)
 """
 
 from altgrad_jax.experiments.data import (
@@ -19,11 +23,18 @@ from altgrad_jax.experiments.data import (
     synthetic_text,
 )
 from altgrad_jax.experiments.model import CharTransformer, ModelConfig
-from altgrad_jax.experiments.report import RUN_FIELDS, format_table, write_outputs
+from altgrad_jax.experiments.report import (
+    RUN_FIELDS,
+    check_output_dir,
+    format_table,
+    write_outputs,
+    write_results,
+)
 from altgrad_jax.experiments.sweep import (
     DEFAULT_FORMATS,
     DEFAULT_RULES,
     RULE_NAMES,
+    ModelSize,
     RunResult,
     SweepConfig,
     SweepResult,
@@ -40,11 +51,13 @@ __all__ = [
     "CharCorpus",
     "CharTransformer",
     "ModelConfig",
+    "ModelSize",
     "RunResult",
     "SweepConfig",
     "SweepResult",
     "TrainConfig",
     "UpdateRule",
+    "check_output_dir",
     "format_table",
     "get_update_rule",
     "init_state",
@@ -55,4 +68,5 @@ __all__ = [
     "stdlib_text",
     "synthetic_text",
     "write_outputs",
+    "write_results",
 ]
