@@ -25,7 +25,7 @@ from typing import Any
 
 from altgrad_jax.optim import HISTOGRAM_EDGES, HISTOGRAM_LABELS
 
-from .sweep import BASELINE, ROLES, RunResult, SweepResult, stores_nearest
+from .sweep import BASELINE, ROLES, RULE_NAMES, RunResult, SweepResult, stores_nearest
 
 __all__ = [
     "META_FIELDS",
@@ -65,13 +65,19 @@ OUTPUT_FILES: tuple[str, ...] = (
     "update_ulp_hist.png",
 )
 
+_LOSING = " and ".join(rule for rule in RULE_NAMES if stores_nearest(rule))
+_LANDING = ", ".join(rule for rule in RULE_NAMES if not stores_nearest(rule))
 # What the stall rate means, said wherever it is shown.
 STALL_MEANING = (
     "Stall is the fraction of Adam's updates that nearest rounding onto the storage grid would "
-    "lose (Q(w + u) == Q(w)). Under nearest storage (rules nearest and ulp) those updates are "
-    "lost; under stochastic, compensated and master storage the same number is what nearest "
-    "rounding would have lost: those rules land such updates, in expectation or later, which "
-    "the landed ratio shows."
+    f"lose (Q(w + u) == Q(w)). Under nearest storage (rules {_LOSING}) those updates are lost; "
+    f"under {_LANDING} storage the same number is what nearest rounding would have lost: those "
+    "rules land such updates, in expectation or later, which the landed ratio shows."
+)
+_STALL_CAPTION = (
+    "Stall: updates that nearest rounding onto the storage grid would lose, Q(w + u) == Q(w). "
+    f"Lost under {_LOSING} storage; {_LANDING} storage land them (in expectation or later), so "
+    "there the curve is what nearest rounding would have lost."
 )
 
 
@@ -241,13 +247,6 @@ def _smooth(values: list[float | None], width: int) -> tuple[list[int], list[flo
         xs.append(i + width)
         ys.append(sum(clean[i : i + width]) / width)
     return xs, ys
-
-
-_STALL_CAPTION = (
-    "Stall: updates that nearest rounding onto the storage grid would lose, Q(w + u) == Q(w). "
-    "Lost under nearest and ulp storage; stochastic, compensated and master storage land them "
-    "(in expectation or later), so there the curve is what nearest rounding would have lost."
-)
 
 
 def _stall_label(rule: str) -> str:
