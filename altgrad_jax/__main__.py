@@ -38,18 +38,17 @@ def _show(value: Any) -> str:
 
 
 def _converter(option: ConfigOption) -> Callable[[str], Any]:
-    """Text to the option's type, checked by the option's own check (the config's)."""
+    """Text to the option's type; its checker judges the value later (``_config_from_args``)."""
     kind = float if option.type == (float | None) else option.type
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
 
     def convert(text: str) -> Any:
         try:
-            value = kind(text)
+            return kind(text)
         except ValueError:
-            expects = option.check.expects if option.check else f"a {kind.__name__}"
-            raise argparse.ArgumentTypeError(f"expected {expects}, got {text!r}") from None
-        if option.check is not None and not option.check.ok(value):
-            raise argparse.ArgumentTypeError(f"expected {option.check.expects}, got {value!r}")
-        return value
+            raise argparse.ArgumentTypeError(
+                f"expected {article} {kind.__name__}, got {text!r}"
+            ) from None
 
     return convert
 
@@ -89,13 +88,17 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace):
-    """The :class:`SweepConfig` of the parsed flags."""
+    """The :class:`SweepConfig` of the parsed flags; ``ValueError`` names a bad flag's value."""
     from altgrad_jax.experiments.sweep import build_config, config_options
 
     values = {}
     for option in config_options():
         value = getattr(args, ".".join(option.path))
-        values[option.path] = _names(value) if option.type == tuple[str, ...] else value
+        if option.type == tuple[str, ...]:
+            value = _names(value)
+        elif option.check is not None:
+            value = option.check(option.flag, value)  # the config's checker, named by the flag
+        values[option.path] = value
     return build_config(values)
 
 

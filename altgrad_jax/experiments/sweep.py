@@ -27,6 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from altgrad_jax._checks import (
+    check_bool,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+    choices_of,
+)
 from altgrad_jax.formats import format_params, get_format
 from altgrad_jax.optim import HISTOGRAM_LABELS, low_precision_storage, scale_by_ulp
 from altgrad_jax.optim.storage import StorageRule
@@ -48,7 +55,6 @@ __all__ = [
     "DEFAULT_RULES",
     "ROLES",
     "RULE_NAMES",
-    "Check",
     "CompiledProgram",
     "ConfigOption",
     "ModelSize",
@@ -58,59 +64,42 @@ __all__ = [
     "SweepResult",
     "build_config",
     "check_choices",
+    "check_int",
+    "check_optional_positive_float",
     "config_options",
     "get_update_rule",
     "run_sweep",
     "stores_nearest",
 ]
 
-# --- Local checkers (to be folded into altgrad_jax/_checks.py) --------------------------------
+# --- Checkers: the shared ones, and two the sweep adds (to be folded into _checks) ------------
+
+Checker = Callable[[str, Any], Any]
 
 
-@dataclasses.dataclass(frozen=True)
-class Check:
-    """A condition on one value and what it expects, so that every message names both.
-
-    The config validates with ``check(field_name, value)``; the CLI reuses ``expects`` and ``ok``
-    for its flags, so a bad ``--steps`` and a bad ``SweepConfig(steps=...)`` say the same thing.
-    """
-
-    expects: str
-    ok: Callable[[Any], bool]
-
-    def __call__(self, name: str, value: Any) -> Any:
-        """``value``, or ``ValueError`` naming ``name``, the value and what was expected."""
-        if not self.ok(value):
-            raise ValueError(f"{name} must be {self.expects}, got {value!r}")
-        return value
+def check_int(name: str, value: Any) -> int:
+    """``value`` if it is an integer of any sign (a seed); bools are rejected."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    return value
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def check_optional_positive_float(name: str, value: Any) -> float | None:
+    """None, or ``value`` as a positive finite float (a threshold that has a computed default)."""
+    return None if value is None else check_positive_float(name, value)
 
 
-def _is_positive(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+def check_choices(name: str, values: Iterable[str], choices: tuple[str, ...]) -> tuple[str, ...]:
+    """``values`` as a tuple, each checked by :func:`check_choice`."""
+    return tuple(check_choice(name, value, choices) for value in values)
 
 
-CHECK_BOOL = Check("True or False", lambda value: isinstance(value, bool))
-CHECK_INT = Check("an integer", _is_int)
-CHECK_POSITIVE_INT = Check("a positive integer", lambda value: _is_int(value) and value >= 1)
-CHECK_POSITIVE = Check("a positive number", _is_positive)
-CHECK_OPTIONAL_POSITIVE = Check(
-    "a positive number or None", lambda value: value is None or _is_positive(value)
-)
-# The check of a config field whose metadata names none: numbers are positive unless said otherwise.
-_TYPE_CHECKS: dict[Any, Check] = {bool: CHECK_BOOL, int: CHECK_POSITIVE_INT, float: CHECK_POSITIVE}
-
-
-def check_choices(what: str, values: Iterable[str], choices: tuple[str, ...]) -> tuple[str, ...]:
-    """``values`` as a tuple; ``ValueError`` naming the first one not in ``choices``, and them."""
-    values = tuple(values)
-    for value in values:
-        if value not in choices:
-            raise ValueError(f"unknown {what} {value!r}; known {what}s: {', '.join(choices)}")
-    return values
+# The checker of a config field whose metadata names none: numbers are positive unless it says.
+_TYPE_CHECKS: dict[Any, Checker] = {
+    bool: check_bool,
+    int: check_positive_int,
+    float: check_positive_float,
+}
 
 
 # --- Update rules --------------------------------------------------------------------------------
@@ -118,7 +107,7 @@ def check_choices(what: str, values: Iterable[str], choices: tuple[str, ...]) ->
 BASELINE = "float32"
 DEFAULT_FORMATS: tuple[str, ...] = ("E5M2", "E4M3", "E3M4", "E2M5", "E1M6", "E0M7", "E7M0")
 RuleName = Literal[StorageRule, "ulp"]
-RULE_NAMES: tuple[str, ...] = typing.get_args(RuleName)
+RULE_NAMES: tuple[str, ...] = choices_of(RuleName)
 # Plain nearest storage and its remedies; "master" (a float32 master copy, the usual mixed
 # precision practice) is available by name.
 DEFAULT_RULES: tuple[str, ...] = ("nearest", "stochastic", "compensated", "ulp")
@@ -159,8 +148,10 @@ def get_update_rule(name: str, ulp_steps: float = 1.0) -> UpdateRule:
 # --- Configuration -----------------------------------------------------------------------------
 
 
-def _option(default: Any, help: str, *, check: Check | None = None, flag: str | None = None) -> Any:
-    """A config field with its CLI help, and optionally its check and flag (``--name`` else)."""
+def _option(
+    default: Any, help: str, *, check: Checker | None = None, flag: str | None = None
+) -> Any:
+    """A config field with its CLI help, and optionally its checker and flag (``--name`` else)."""
     metadata: dict[str, Any] = {"help": help}
     if check is not None:
         metadata["check"] = check
@@ -226,22 +217,21 @@ class SweepConfig:
     )
     steps: int = _option(300, "train steps per run")
     eval_every: int = _option(50, "steps between validation losses (one compiled chunk)")
-    seed: int = _option(0, "parameter initialisation and batch order (every run)", check=CHECK_INT)
+    seed: int = _option(0, "parameter initialisation and batch order (every run)", check=check_int)
     ulp_steps: float = _option(1.0, "grid steps per unit of Adam's direction for the 'ulp' rule")
     diverge_loss: float | None = _option(
         None,
         "a training loss above this counts as divergence; None: 2 * log(vocab_size), twice the "
         "loss of a uniform guess",
-        check=CHECK_OPTIONAL_POSITIVE,
+        check=check_optional_positive_float,
     )
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelSize = field(default_factory=ModelSize)  # type: ignore[valid-type]
 
     def __post_init__(self) -> None:
         for name, kind in (("train", TrainConfig), ("model", ModelSize)):
-            Check(f"a {kind.__name__}", lambda value, kind=kind: isinstance(value, kind))(
-                name, getattr(self, name)
-            )
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
         for option in config_options(type(self)):
             if option.check is not None:
                 option.check(option.name, option.value_in(self))
@@ -284,7 +274,7 @@ class ConfigOption(NamedTuple):
         return self.field.metadata.get("help", self.name.replace("_", " "))
 
     @property
-    def check(self) -> Check | None:
+    def check(self) -> Checker | None:
         return self.field.metadata.get("check", _TYPE_CHECKS.get(self.type))
 
     def value_in(self, config: Any) -> Any:
