@@ -168,7 +168,7 @@ def _meta(result: SweepResult) -> dict[str, Any]:
     }
     return {
         **meta,
-        "config": dataclasses.asdict(result.config),
+        "config": result.config.flat(),
         "complete": result.complete,
         "jax_version": jax.__version__,
         "hist_edges": list(HISTOGRAM_EDGES),

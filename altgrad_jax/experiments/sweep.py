@@ -247,6 +247,21 @@ class SweepConfig:
     def model_config(self, vocab_size: int) -> ModelConfig:
         return self.model.config(vocab_size)
 
+    def flat(self) -> dict[str, Any]:
+        """Every leaf field by its own name (unique across the tree), as ``results.json`` has it."""
+        return {option.name: option.value_in(self) for option in config_options(type(self))}
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any]) -> SweepConfig:
+        """The config with the leaf fields named in ``values`` set (names as :meth:`flat` has)."""
+        paths = {option.name: option.path for option in config_options(cls)}
+        unknown = [name for name in values if name not in paths]
+        if unknown:
+            raise ValueError(
+                f"unknown config field {unknown[0]!r}; expected one of {', '.join(paths)}"
+            )
+        return build_config({paths[name]: value for name, value in values.items()}, cls)
+
     def runs(self) -> list[tuple[str | None, str]]:
         """``(format, rule)`` pairs in run order: the baseline first, then rule by rule."""
         pairs: list[tuple[str | None, str]] = [(None, BASELINE)] if self.baseline else []

@@ -26,9 +26,8 @@ def golden():
 
 
 def _config(golden, **changes) -> SweepConfig:
-    fields = {f.name for f in dataclasses.fields(SweepConfig)}
     kept = {k: tuple(v) if isinstance(v, list) else v for k, v in golden["config"].items()}
-    return SweepConfig(**{k: v for k, v in {**kept, **changes}.items() if k in fields})
+    return SweepConfig.from_flat({**kept, **changes})
 
 
 def test_sweep_reproduces_the_pre_refactor_numbers_bit_for_bit(golden):

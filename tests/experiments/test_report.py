@@ -88,7 +88,8 @@ def test_results_json_has_documented_fields_and_says_it_is_incomplete(result, tm
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["meta"]) == set(META_FIELDS)
     assert results["meta"]["complete"] is False  # 2 of the config's 3 runs
-    assert results["meta"]["config"]["train"]["batch_size"] == 16
+    assert results["meta"]["config"]["batch_size"] == 16  # flat, as before the nesting
+    assert SweepConfig.from_flat(results["meta"]["config"]) == result.config
     assert results["meta"]["compile_time_s"] == 18.0
     assert [set(run) for run in results["runs"]] == [set(RUN_FIELDS)] * 2
     assert not list(tmp_path.glob(".results*"))  # no temporary file left behind

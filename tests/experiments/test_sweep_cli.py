@@ -233,3 +233,15 @@ def test_compiled_program_compiles_once_per_signature():
     assert program.compilations == 1
     program(jnp.ones(4), fmt)
     assert program.compilations == 2
+
+
+def test_flat_config_names_are_unique_and_round_trip():
+    from altgrad_jax.experiments.sweep import config_options
+
+    names = [option.name for option in config_options()]
+    assert len(names) == len(set(names))
+    config = _parse(["--lr", "0.01", "--context", "8", "--heads", "2", "--formats", "E4M3"])
+    assert SweepConfig.from_flat(config.flat()) == config
+    assert config.flat()["learning_rate"] == 0.01 and config.flat()["context"] == 8
+    with pytest.raises(ValueError, match="unknown config field 'lr'; expected one of formats"):
+        SweepConfig.from_flat({"lr": 0.01})
