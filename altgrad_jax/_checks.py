@@ -16,6 +16,9 @@ from typing import Any
 __all__ = [
     "check_bool",
     "check_choice",
+    "check_choices",
+    "check_int",
+    "check_optional_positive_float",
     "check_positive_float",
     "check_positive_int",
     "check_str",
@@ -49,6 +52,23 @@ def check_positive_int(name: str, value: Any, *, maximum: int | None = None) -> 
     if maximum is not None and int(value) > maximum:
         raise ValueError(f"{name} must be a positive int <= {maximum}, got {value!r}")
     return int(value)
+
+
+def check_int(name: str, value: Any) -> int:
+    """``value`` if it is an integer of any sign (a seed); bools are rejected."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    return value
+
+
+def check_choices(name: str, values: Any, choices: Sequence[Any]) -> tuple[Any, ...]:
+    """``values`` as a tuple, each checked by :func:`check_choice`."""
+    return tuple(check_choice(name, value, choices) for value in values)
+
+
+def check_optional_positive_float(name: str, value: Any) -> float | None:
+    """None, or ``value`` as a positive finite float (a threshold that has a computed default)."""
+    return None if value is None else check_positive_float(name, value)
 
 
 def check_positive_float(name: str, value: Any) -> float:

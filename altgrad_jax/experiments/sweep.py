@@ -18,7 +18,7 @@ import dataclasses
 import math
 import time
 import typing
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import field
 from typing import Any, Literal, NamedTuple
 
@@ -29,7 +29,9 @@ import optax
 
 from altgrad_jax._checks import (
     check_bool,
-    check_choice,
+    check_choices,
+    check_int,
+    check_optional_positive_float,
     check_positive_float,
     check_positive_int,
     choices_of,
@@ -75,23 +77,6 @@ __all__ = [
 # --- Checkers: the shared ones, and two the sweep adds (to be folded into _checks) ------------
 
 Checker = Callable[[str, Any], Any]
-
-
-def check_int(name: str, value: Any) -> int:
-    """``value`` if it is an integer of any sign (a seed); bools are rejected."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    return value
-
-
-def check_optional_positive_float(name: str, value: Any) -> float | None:
-    """None, or ``value`` as a positive finite float (a threshold that has a computed default)."""
-    return None if value is None else check_positive_float(name, value)
-
-
-def check_choices(name: str, values: Iterable[str], choices: tuple[str, ...]) -> tuple[str, ...]:
-    """``values`` as a tuple, each checked by :func:`check_choice`."""
-    return tuple(check_choice(name, value, choices) for value in values)
 
 
 # The checker of a config field whose metadata names none: numbers are positive unless it says.
