@@ -16,6 +16,7 @@ Formats are a FloatFormat, a name, a ``PathRules`` (path -> format | None), or t
 
 from altgrad_jax._pytree import register_flax_serialization
 from altgrad_jax.optim._common import pow2_scale
+from altgrad_jax.optim.flax_train import GridOptimizer, GridTrainState
 from altgrad_jax.optim.monitor import (
     HISTOGRAM_EDGES,
     HISTOGRAM_LABELS,
@@ -31,6 +32,7 @@ from altgrad_jax.optim.storage import (
     apply_updates,
     landed_stats,
     low_precision_storage,
+    snap_to_grid,
 )
 from altgrad_jax.optim.ulp_updates import (
     GridSGDState,
@@ -45,7 +47,9 @@ __all__ = [
     "HISTOGRAM_EDGES",
     "HISTOGRAM_LABELS",
     "STORAGE_RULES",
+    "GridOptimizer",
     "GridSGDState",
+    "GridTrainState",
     "LandedStats",
     "LowPrecisionState",
     "StallMonitorState",
@@ -60,6 +64,7 @@ __all__ = [
     "rung_to_grid",
     "scale_by_stiffness",
     "scale_by_ulp",
+    "snap_to_grid",
     "stall_stats",
 ]
 

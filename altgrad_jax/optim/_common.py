@@ -13,6 +13,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax.tree_utils
+from flax import nnx
+from flax.core import meta
 
 from altgrad_jax.bits import power_of_two
 from altgrad_jax.formats import FloatFormat, FormatParams, as_params
@@ -36,18 +39,72 @@ def check_scale(scale: float | str) -> float | str:
     return float(scale)
 
 
+# ------------------------------------------------------------------ boxed parameters
+def is_box(node: Any) -> bool:
+    """Whether ``node`` wraps one parameter array with metadata: an NNX ``Variable`` (as in
+    ``nnx.state(model)``) or a Linen ``AxisMetadata`` box (``nn.Partitioned``,
+    ``nn.LogicallyPartitioned``, as in Flax's partition-spec recipe)."""
+    return isinstance(node, (nnx.Variable, meta.AxisMetadata))
+
+
+def unbox(node: Any) -> Any:
+    """The array inside a box (see :func:`is_box`); anything else as is."""
+    if isinstance(node, nnx.Variable):
+        return node.get_value()
+    if isinstance(node, meta.AxisMetadata):
+        return node.unbox()
+    return node
+
+
+def rebox(box: Any, value: Any) -> Any:
+    """``value`` in a box like ``box`` (same metadata, so the same sharding), or bare."""
+    if isinstance(box, nnx.Variable):
+        return box.replace(value)
+    if isinstance(box, meta.AxisMetadata):
+        return box.replace_boxed(value)
+    return value
+
+
+def flatten_params(params: Any) -> tuple[list[tuple], list[Any], list[Any], Any]:
+    """Paths, boxes, arrays and layout of ``params``, one entry per parameter.
+
+    The layout is the params' tree structure with each box as one leaf: unflattening
+    per-parameter values with it gives the params' structure without the boxes, so a per-layer
+    scalar carries none of its weight's metadata (a replicated partition spec, an ``OptArray``
+    in ``nnx.Optimizer``), while :func:`rebox` keeps the metadata for per-entry state.
+    """
+    flat, layout = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_box)
+    paths = [path for path, _ in flat]
+    boxes = [box for _, box in flat]
+    return paths, boxes, [unbox(box) for box in boxes], layout
+
+
+def unbox_tree(tree: Any) -> Any:
+    """``tree`` with every box replaced by its contents."""
+    return jax.tree.map(unbox, tree, is_leaf=is_box)
+
+
 def iter_leaves(
     fmt: FormatSpec, params: Any
 ) -> Iterator[tuple[int, tuple, Any, LeafFormat | None]]:
-    """Yields ``(index, path, leaf, format)`` over the flattened ``params``."""
-    for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
+    """Yields ``(index, path, leaf, format)`` per parameter (boxes opened, see
+    :func:`flatten_params`)."""
+    paths, _, leaves, _ = flatten_params(params)
+    for i, (path, leaf) in enumerate(zip(paths, leaves, strict=True)):
         yield i, path, leaf, leaf_format(fmt, path, leaf)
 
 
 def find_states(opt_state: Any, state_type: type) -> list[Any]:
-    """All states of ``state_type`` anywhere inside a (nested) optax state, in tree order."""
-    found = jax.tree_util.tree_leaves(opt_state, is_leaf=lambda node: isinstance(node, state_type))
-    return [node for node in found if isinstance(node, state_type)]
+    """All states of ``state_type`` inside a (nested) optax state, in tree order, unboxed.
+
+    Found by the NamedTuple's name with ``optax.tree_utils``, so this looks through ``chain``,
+    ``inject_hyperparams``, ``MultiSteps``, a ``TrainState``'s ``opt_state`` and
+    ``nnx.Optimizer``'s (whose arrays are ``OptState`` variables: they are read out).
+    """
+    found = optax.tree_utils.tree_get_all_with_path(
+        opt_state, state_type.__name__, filtering=lambda _, node: isinstance(node, state_type)
+    )
+    return [unbox_tree(node) for _, node in found]
 
 
 def max_value(fmt: LeafFormat) -> jax.Array:

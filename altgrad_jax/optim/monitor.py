@@ -32,8 +32,10 @@ from altgrad_jax.optim._common import (
     RunningSum,
     check_scale,
     find_states,
+    flatten_params,
     iter_leaves,
     resolve_scale,
+    unbox,
 )
 from altgrad_jax.rules import FormatSpec, check_format_spec
 from altgrad_jax.stall import GRAD_THRESHOLD, ExactCount, safe_ratio
@@ -204,7 +206,7 @@ def _sum_all(operands: list[jax.Array], axis: int) -> list[jax.Array]:
 def _entry_terms(
     w: jax.Array, u: jax.Array, g: jax.Array, valid: jax.Array | None, fmt: Any, s: jax.Array
 ) -> tuple[list[jax.Array], jax.Array, jax.Array]:
-    """Per entry: the packed flags, |Q(w + u) - Q(w)| and |u| (zero where not ``valid``)."""
+    """Per entry: the 0/1 uint32 flags, |Q(w + u) - Q(w)| and |u| (zero where not ``valid``)."""
     p = as_params(fmt)
     inverse = 1 / s  # as quantize: x / scale is x * (1 / scale)
     rounded_old = round_float32(w * inverse, p)
@@ -219,7 +221,7 @@ def _entry_terms(
     if valid is not None:
         flags = [flag & valid for flag in flags]
         delta, magnitude = jnp.where(valid, delta, 0), jnp.where(valid, magnitude, 0)
-    return _pack([flag.astype(jnp.uint32) for flag in flags]), delta, magnitude
+    return [flag.astype(jnp.uint32) for flag in flags], delta, magnitude
 
 
 def _leaf_stats(
@@ -251,18 +253,72 @@ def _leaf_stats(
             continue
         shaped = [x[part].reshape(rows) for x in (w, u, g)]
         mask = None if valid is None else valid[part].reshape(rows)
-        words, delta, magnitude = _entry_terms(*shaped, mask, fmt, s)
-        fields = _sum_all(_unpack(_sum_all(words, 1), num_flags), 0)
+        flags, delta, magnitude = _entry_terms(*shaped, mask, fmt, s)
+        fields = _sum_all(_unpack(_sum_all(_pack(flags), 1), num_flags), 0)
         counts = [total + n_part for total, n_part in zip(counts, fields, strict=True)]
         ones = jnp.ones((rows[1],), jnp.float32)
         landed += jnp.sum(jnp.dot(delta, ones, precision=jax.lax.Precision.HIGHEST))
         requested += jnp.sum(jnp.dot(magnitude, ones, precision=jax.lax.Precision.HIGHEST))
+    return _stats_of(counts, landed, requested, n if entries is None else entries)
+
+
+def _stats_of(
+    counts: list[jax.Array], landed: jax.Array, requested: jax.Array, entries: Any
+) -> UpdateStats:
+    """Packs the flag sums of :func:`_entry_terms` into an :class:`UpdateStats`."""
     moved, *at_least, flipped, counted, stalled = counts
-    entries = jnp.asarray(n if entries is None else entries, jnp.uint32)
+    entries = jnp.asarray(entries, jnp.uint32)
     cumulative = jnp.stack([entries, moved, *at_least, jnp.uint32(0)])
     histogram = cumulative[:-1] - cumulative[1:]
     counts = jnp.concatenate([jnp.stack([stalled, counted, flipped, moved, entries]), histogram])
     return UpdateStats(counts, jnp.stack([landed, requested]))
+
+
+def _sharding(x: jax.Array) -> Any:
+    return getattr(jax.typeof(x), "sharding", None)
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+    """Whether ``x`` is split over an explicit-sharding mesh axis (``AxisType.Explicit``).
+
+    Flattening such an array (as :func:`_leaf_stats` does) is a sharding type error whenever
+    the split dimensions do not divide evenly, so those leaves keep their shape instead.
+    """
+    spec = getattr(_sharding(x), "spec", None) or ()
+    return any(axis is not None for axis in spec)
+
+
+def _leaf_stats_in_place(
+    w: jax.Array,
+    u: jax.Array,
+    g: jax.Array,
+    fmt: Any,
+    s: jax.Array,
+    block: tuple[jax.Array, int] | None = None,
+) -> UpdateStats:
+    """:func:`_leaf_stats` on the leaf's own shape and sharding (explicitly sharded leaves).
+
+    The same integer counts from plain sums (exact, as uint32); the sampled block of ``every``
+    is a mask over the row-major index instead of a slice, so nothing is resharded.
+    """
+    w, u, g = (jnp.asarray(x, jnp.float32) for x in (w, u, g))
+    n = w.size
+    valid, entries = None, n
+    if block is not None:
+        phase, every = block
+        size = -(-n // every)
+        index = jnp.zeros(w.shape, jnp.uint32)
+        stride = 1
+        for axis in reversed(range(w.ndim)):
+            iota = jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis, out_sharding=_sharding(w))
+            index = index + iota * jnp.uint32(stride)
+            stride *= w.shape[axis]
+        first = phase * jnp.uint32(size)
+        valid = (index >= first) & (index < first + jnp.uint32(size))
+        entries = jnp.where(first < n, jnp.minimum(jnp.uint32(n) - first, jnp.uint32(size)), 0)
+    flags, delta, magnitude = _entry_terms(w, u, g, valid, fmt, s)
+    counts = [jnp.sum(flag, dtype=jnp.uint32) for flag in flags]
+    return _stats_of(counts, jnp.sum(delta), jnp.sum(magnitude), entries)
 
 
 def _step_phase(steps: ExactCount, every: int) -> jax.Array:
@@ -330,7 +386,7 @@ def monitor_stall(
         raise ValueError(f"every must be an int in [1, 65535], got {every!r}")
 
     def init_fn(params):
-        treedef = jax.tree_util.tree_structure(params)
+        treedef = flatten_params(params)[3]
         leaf_last, leaf_total = [], []
         for _, _, w, leaf_fmt in iter_leaves(fmt, params):
             if leaf_fmt is None:
@@ -356,9 +412,9 @@ def monitor_stall(
         if params is None:
             raise ValueError("monitor_stall needs params: update(updates, state, params)")
         new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-        treedef = jax.tree_util.tree_structure(params)
-        update_leaves = treedef.flatten_up_to(new_updates)
-        grad_leaves = treedef.flatten_up_to(updates)
+        treedef = flatten_params(params)[3]
+        update_leaves = [unbox(u) for u in treedef.flatten_up_to(new_updates)]
+        grad_leaves = [unbox(g) for g in treedef.flatten_up_to(updates)]
         old_totals = treedef.flatten_up_to(state.leaf_total)
         phase = None if every == 1 else _step_phase(state.steps, every)
         leaf_last, leaf_total = [], []
@@ -371,7 +427,10 @@ def monitor_stall(
             w32 = jnp.asarray(w, jnp.float32)
             s = jnp.asarray(resolve_scale(scale, w32, leaf_fmt), jnp.float32)
             leaf = (w32, update_leaves[i], grad_leaves[i])
-            if phase is None:
+            if _explicitly_sharded(w32):
+                block = None if phase is None else (phase, every)
+                stats = _leaf_stats_in_place(*leaf, leaf_fmt, s, block)
+            elif phase is None:
                 stats = _leaf_stats(*leaf, leaf_fmt, s)
             else:
                 blocks, valid, count = _block(leaf, phase, every)
@@ -394,8 +453,9 @@ def monitor_stall(
 def stall_stats(opt_state: Any) -> StallMonitorState:
     """The state of the first :func:`monitor_stall` inside a (nested) optax state.
 
-    Looks through ``chain``, ``inject_hyperparams``, ``MultiSteps`` and any other pytree of
-    states. Raises ``ValueError`` when there is none.
+    Looks through ``chain``, ``inject_hyperparams``, ``MultiSteps``, a ``TrainState``'s and an
+    ``nnx.Optimizer``'s ``opt_state`` (or the optimizer itself) and any other pytree of states;
+    the result holds plain arrays. Raises ``ValueError`` when there is none.
     """
     states = find_states(opt_state, StallMonitorState)
     if not states:

@@ -20,29 +20,41 @@ the monitor and the ULP-aware transforms find the same grid. The seed's ``amax *
 re-applied every step instead moves every weight onto a new grid and inflates the largest one
 by ~1% per step.
 
-For formats with up to 4 exponent bits (E4M3 and narrower, the MX element formats), ``w + (t -
-w)`` is exactly ``t`` in float32 for every pair of grid values, so once the weights are on the
-grid ``optax.apply_updates`` keeps them there. From an off-grid start, or with wider exponents
-(where a jump across ~20 binades can round), use :func:`apply_updates`, which snaps the sum onto
+The update is returned in float32 (for float32, bfloat16 and float16 weights), so
+``optax.apply_updates`` computes ``w + (t - w)`` in float32 before casting back. For formats
+with up to 4 exponent bits (E4M3 and narrower, the MX element formats) ``t - w`` is exact in
+float32 for every pair of grid values (a test checks every pair), so the sum is exactly ``t``:
+once the weights are on the grid, plain ``optax.apply_updates`` (as in ``nnx.Optimizer`` and
+``TrainState.apply_gradients``) keeps them there, for float32 and bfloat16 weights alike. From an
+off-grid start, or with wider exponents (where a jump across ~20 binades rounds), use
+:func:`apply_updates`, :class:`GridOptimizer` or :class:`GridTrainState`, which snap the sum onto
 the grid the storage rounded to.
+
+The landed movement is measured against what the same rule would have stored for a zero update
+(the same scale and random bits): only the movement the update caused counts as landed. The
+difference between that and the current weights, the projection of an off-grid start (or of a
+rescaled grid), is reported apart as ``projected``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, NamedTuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from altgrad_jax.formats import FloatFormat, FormatParams
+from altgrad_jax.formats import FormatParams, as_params
 from altgrad_jax.optim._common import (
+    LeafFormat,
     RunningSum,
     check_scale,
     find_states,
+    flatten_params,
     iter_leaves,
+    rebox,
     resolve_scale,
+    unbox,
 )
 from altgrad_jax.quantize import quantize
 from altgrad_jax.rules import FormatSpec, check_format_spec, path_str
@@ -55,6 +67,7 @@ __all__ = [
     "apply_updates",
     "landed_stats",
     "low_precision_storage",
+    "snap_to_grid",
 ]
 
 StorageRule = Literal["nearest", "stochastic", "compensated", "master"]
@@ -62,26 +75,35 @@ STORAGE_RULES: tuple[str, ...] = ("nearest", "stochastic", "compensated", "maste
 
 
 class LandedStats(NamedTuple):
-    """How much of the requested movement reached the stored weights: sum|t - w| vs sum|u|.
+    """How much of the requested movement reached the stored weights: sum|t - t0| vs sum|u|.
 
-    A per-step ratio near 0 is harmless when stochastic rounding or a master copy keeps the
-    movement in expectation (the run ratio stays near 1) and fatal under nearest storage (the
-    run ratio stays near 0).
+    ``t0`` is what the rule would have stored for a zero update, so the initial projection of
+    float weights onto the grid (and a rescale) is not counted as landed: it is ``projected``,
+    sum|t0 - w|. A per-step ratio near 0 is harmless when stochastic rounding or a master copy
+    keeps the movement in expectation (the run ratio stays near 1) and fatal under nearest
+    storage (the run ratio stays near 0).
     """
 
     landed: jax.Array  # this step, float32
     requested: jax.Array
+    projected: jax.Array
     run_landed: RunningSum
     run_requested: RunningSum
+    run_projected: RunningSum
 
     @classmethod
     def zero(cls) -> LandedStats:
         zero = jnp.zeros((), jnp.float32)
-        return cls(zero, zero, RunningSum.zero(), RunningSum.zero())
+        return cls(zero, zero, zero, RunningSum.zero(), RunningSum.zero(), RunningSum.zero())
 
-    def add(self, landed: jax.Array, requested: jax.Array) -> LandedStats:
+    def add(self, landed: jax.Array, requested: jax.Array, projected: jax.Array) -> LandedStats:
         return LandedStats(
-            landed, requested, self.run_landed.add(landed), self.run_requested.add(requested)
+            landed,
+            requested,
+            projected,
+            self.run_landed.add(landed),
+            self.run_requested.add(requested),
+            self.run_projected.add(projected),
         )
 
     @property
@@ -95,31 +117,34 @@ class LandedStats(NamedTuple):
         return safe_ratio(self.run_landed.total, self.run_requested.total)
 
 
-@flax.struct.dataclass
-class LowPrecisionState:
+class LowPrecisionState(NamedTuple):
     """State of :func:`low_precision_storage`.
+
+    Every field is a pytree of arrays (a NamedTuple, so ``optax.tree_utils.tree_get(state,
+    "LowPrecisionState")`` finds it). Per-layer entries (``scale``, ``grid``) have the params'
+    structure without their boxes, so they get a replicated partition spec; per-entry ones
+    (``residual``, ``master``) keep each parameter's box and so its sharding.
 
     Attributes:
       scale: per leaf, the float32 scale the stored weights were last rounded with (None for
         leaves that are not stored); :func:`apply_updates` snaps to this grid.
+      grid: per stored leaf, its format as ``FormatParams`` arrays (None for the others), so
+        the grid can be rebuilt from the state alone.
       key: PRNG key (``stochastic``), else None.
       residual: per leaf, the rounding error carried to the next step (``compensated``).
       master: per leaf, the float32 master weights (``master``).
       landed: requested vs landed movement, see :class:`LandedStats`.
-      traced_format: the format when it was given as traced ``FormatParams``, else None.
-      formats: static; per flattened leaf, its FloatFormat, "traced" or None (not stored).
     """
 
     scale: Any
+    grid: Any
     key: jax.Array | None
     residual: Any
     master: Any
     landed: LandedStats
-    traced_format: FormatParams | None
-    formats: tuple = flax.struct.field(pytree_node=False)
 
 
-def _stored_formats(fmt: FormatSpec, params: Any) -> tuple[FloatFormat | str | None, ...]:
+def _stored_formats(fmt: FormatSpec, params: Any) -> list[LeafFormat | None]:
     out = []
     for _, path, _, leaf_fmt in iter_leaves(fmt, params):
         if isinstance(leaf_fmt, FormatParams) and not isinstance(fmt, FormatParams):
@@ -127,13 +152,13 @@ def _stored_formats(fmt: FormatSpec, params: Any) -> tuple[FloatFormat | str | N
                 f"the rule gave traced FormatParams for {path_str(path)!r}; pass traced formats "
                 "as the single format, and static formats (or None) from rules"
             )
-        out.append("traced" if isinstance(leaf_fmt, FormatParams) else leaf_fmt)
-    return tuple(out)
+        out.append(leaf_fmt)
+    return out
 
 
-def _leaf_fmt(state: LowPrecisionState, index: int) -> FloatFormat | FormatParams | None:
-    fmt = state.formats[index]
-    return state.traced_format if fmt == "traced" else fmt
+def _update_dtype(w: Any) -> Any:
+    """float32 for float32 and narrower weights (so ``w + u`` is a float32 sum), else w's."""
+    return jnp.promote_types(jnp.asarray(w).dtype, jnp.float32)
 
 
 def low_precision_storage(
@@ -155,8 +180,9 @@ def low_precision_storage(
       seed: PRNG seed (an int or a key) for ``stochastic``.
 
     Returns:
-      A transformation whose updates are ``t - w``; ``update`` needs ``params``. A zero update
-      leaves weights that are on the grid unchanged (and an off-grid start is snapped to it).
+      A transformation whose updates are ``t - w`` (float32 for float32 and narrower weights);
+      ``update`` needs ``params``. A zero update leaves weights that are on the grid unchanged
+      (and an off-grid start is snapped to it).
     """
     if rule not in STORAGE_RULES:
         raise ValueError(f"unknown storage rule {rule!r}; expected one of {STORAGE_RULES}")
@@ -169,107 +195,133 @@ def low_precision_storage(
 
     def init_fn(params):
         formats = _stored_formats(fmt, params)
-        leaves, treedef = jax.tree_util.tree_flatten(params)
-        stored = [f is not None for f in formats]
+        _, boxes, leaves, layout = flatten_params(params)
 
         def per_leaf(make):
-            return treedef.unflatten(
-                [make(w) if keep else None for w, keep in zip(leaves, stored, strict=True)]
+            return layout.unflatten([None if f is None else make(f) for f in formats])
+
+        def per_entry(make):
+            return layout.unflatten(
+                [
+                    None if f is None else rebox(box, make(w))
+                    for box, w, f in zip(boxes, leaves, formats, strict=True)
+                ]
             )
 
         key = None
         if rule == "stochastic":
             key = jax.random.key(seed) if isinstance(seed, int) else seed
         return LowPrecisionState(
-            scale=per_leaf(lambda w: jnp.ones((), jnp.float32)),
+            scale=per_leaf(lambda f: jnp.ones((), jnp.float32)),
+            grid=per_leaf(lambda f: as_params(f).as_arrays()),
             key=key,
-            residual=per_leaf(lambda w: jnp.zeros(jnp.shape(w), jnp.float32))
+            residual=per_entry(lambda w: jnp.zeros_like(w, jnp.float32))
             if rule == "compensated"
             else None,
-            master=per_leaf(lambda w: jnp.asarray(w, jnp.float32)) if rule == "master" else None,
+            master=per_entry(lambda w: jnp.asarray(w, jnp.float32)) if rule == "master" else None,
             landed=LandedStats.zero(),
-            traced_format=fmt if isinstance(fmt, FormatParams) else None,
-            formats=formats,
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         if params is None:
             raise ValueError("low_precision_storage needs params: update(updates, state, params)")
-        leaves, treedef = jax.tree_util.tree_flatten(params)
+        formats = _stored_formats(fmt, params)
+        _, _, leaves, layout = flatten_params(params)
         # Computed once: otherwise every reduction below re-runs the optimizer's arithmetic.
-        update_leaves = treedef.flatten_up_to(jax.lax.optimization_barrier(updates))
-        scales = treedef.flatten_up_to(state.scale)
-        residuals = treedef.flatten_up_to(state.residual) if rule == "compensated" else None
-        masters = treedef.flatten_up_to(state.master) if rule == "master" else None
+        update_boxes = layout.flatten_up_to(jax.lax.optimization_barrier(updates))
+        grids = layout.flatten_up_to(state.grid)
+        scales = layout.flatten_up_to(state.scale)
+        residuals = layout.flatten_up_to(state.residual) if rule == "compensated" else None
+        masters = layout.flatten_up_to(state.master) if rule == "master" else None
         key, step_key = (None, None) if state.key is None else jax.random.split(state.key)
 
-        out, new_scales = list(update_leaves), list(scales)
+        out, new_scales = list(update_boxes), list(scales)
         new_residuals = list(residuals) if residuals is not None else None
         new_masters = list(masters) if masters is not None else None
-        landed = requested = jnp.zeros((), jnp.float32)
-        for i, (w, u) in enumerate(zip(leaves, update_leaves, strict=True)):
-            leaf_fmt = _leaf_fmt(state, i)
+        landed = requested = projected = jnp.zeros((), jnp.float32)
+        for i, (w, u_box) in enumerate(zip(leaves, update_boxes, strict=True)):
+            leaf_fmt = formats[i]
             if leaf_fmt is None:
                 continue
-            w32, u32 = jnp.asarray(w, jnp.float32), jnp.asarray(u, jnp.float32)
+            if isinstance(leaf_fmt, FormatParams):  # traced: read from the state, not a closure
+                leaf_fmt = grids[i]
+            w32, u32 = jnp.asarray(w, jnp.float32), jnp.asarray(unbox(u_box), jnp.float32)
             if rule == "compensated":
-                x = w32 + (u32 + residuals[i])
+                r = unbox(residuals[i])
+                x, x0 = w32 + (u32 + r), w32 + r
             elif rule == "master":
-                x = new_masters[i] = masters[i] + u32
+                m = unbox(masters[i])
+                x, x0 = m + u32, m
+                new_masters[i] = rebox(masters[i], x)
             else:
-                x = w32 + u32
+                x, x0 = w32 + u32, w32
             s = resolve_scale(scale, x, leaf_fmt)
             if rule == "stochastic":
                 leaf_key = jax.random.fold_in(step_key, i)
                 t = quantize(x, leaf_fmt, s, rounding="stochastic", key=leaf_key)
+                t0 = quantize(x0, leaf_fmt, s, rounding="stochastic", key=leaf_key)
             else:
-                t = quantize(x, leaf_fmt, s)
+                t, t0 = quantize(x, leaf_fmt, s), quantize(x0, leaf_fmt, s)
             if rule == "compensated":
-                new_residuals[i] = x - t
+                new_residuals[i] = rebox(residuals[i], x - t)
             delta = t - w32
-            out[i] = delta.astype(jnp.asarray(w).dtype)
+            out[i] = rebox(u_box, delta.astype(_update_dtype(w)))
             new_scales[i] = jnp.asarray(s, jnp.float32)
-            landed = landed + jnp.sum(jnp.abs(delta))
+            landed = landed + jnp.sum(jnp.abs(t - t0))
             requested = requested + jnp.sum(jnp.abs(u32))
+            projected = projected + jnp.sum(jnp.abs(t0 - w32))
 
-        new_state = state.replace(
-            scale=treedef.unflatten(new_scales),
+        new_state = state._replace(
+            scale=layout.unflatten(new_scales),
             key=key,
-            residual=treedef.unflatten(new_residuals) if new_residuals is not None else None,
-            master=treedef.unflatten(new_masters) if new_masters is not None else None,
-            landed=state.landed.add(landed, requested),
+            residual=layout.unflatten(new_residuals) if new_residuals is not None else None,
+            master=layout.unflatten(new_masters) if new_masters is not None else None,
+            landed=state.landed.add(landed, requested, projected),
         )
-        return treedef.unflatten(out), new_state
+        return layout.unflatten(out), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def snap_to_grid(params: Any, opt_state: Any) -> Any:
+    """``params`` with every stored leaf rounded to the grid of the storage in ``opt_state``.
+
+    The grid is the one the storage rounded to in its last step (its format and scale, read
+    from the state). A no-op for weights already on it; ``params`` without a storage state in
+    ``opt_state`` are returned as they are. Boxes (NNX variables, Linen partitioning) are kept.
+    """
+    _, boxes, leaves, layout = flatten_params(params)
+    for state in find_states(opt_state, LowPrecisionState):
+        grids = layout.flatten_up_to(state.grid)
+        scales = layout.flatten_up_to(state.scale)
+        for i, w in enumerate(leaves):
+            if grids[i] is not None:
+                leaves[i] = quantize(w, grids[i], scales[i])
+    return layout.unflatten([rebox(b, w) for b, w in zip(boxes, leaves, strict=True)])
 
 
 def apply_updates(params: Any, updates: Any, opt_state: Any) -> Any:
     """``optax.apply_updates`` that lands stored leaves exactly on their grid.
 
     Snaps ``params + updates`` to the nearest value of the grid the storage in ``opt_state``
-    rounded to this step. That is a no-op whenever the sum is already exact (always for float32
-    weights on the grid of a format with at most 4 exponent bits), and otherwise repairs an
-    off-grid start, a jump across many binades, or an update rounded to a narrower dtype.
+    rounded to this step (:func:`snap_to_grid`). That is a no-op whenever the sum is already
+    exact (always for weights on the grid of a format with at most 4 exponent bits), and
+    otherwise repairs an off-grid start or a jump across many binades. The stored value is
+    exactly the storage's ``t`` unless a weight shrinks by more than ``2**(23 - M)`` in one
+    step (then ``t - w`` has no float32 representation close enough to ``t``).
     Raises ``ValueError`` when ``opt_state`` holds no storage state.
     """
-    states = find_states(opt_state, LowPrecisionState)
-    if not states:
+    if not find_states(opt_state, LowPrecisionState):
         raise ValueError("opt_state holds no low_precision_storage state to snap to")
-    new_params = optax.apply_updates(params, updates)
-    leaves, treedef = jax.tree_util.tree_flatten(new_params)
-    for state in states:
-        scales = treedef.flatten_up_to(state.scale)
-        for i, w in enumerate(leaves):
-            leaf_fmt = _leaf_fmt(state, i)
-            if leaf_fmt is not None:
-                leaves[i] = quantize(w, leaf_fmt, scales[i])
-    return treedef.unflatten(leaves)
+    return snap_to_grid(optax.apply_updates(params, updates), opt_state)
 
 
 def landed_stats(opt_state: Any) -> LandedStats:
-    """The :class:`LandedStats` of the first :func:`low_precision_storage` in ``opt_state``."""
+    """The :class:`LandedStats` of the first :func:`low_precision_storage` in ``opt_state``.
+
+    Looks through chains, a ``TrainState``'s and an ``nnx.Optimizer``'s ``opt_state``.
+    """
     states = find_states(opt_state, LowPrecisionState)
     if not states:
         raise ValueError("opt_state holds no low_precision_storage state")

@@ -27,9 +27,12 @@ from altgrad_jax.formats import FloatFormat, as_params
 from altgrad_jax.optim._common import (
     LeafFormat,
     check_scale,
+    flatten_params,
     iter_leaves,
     max_value,
+    rebox,
     resolve_scale,
+    unbox,
 )
 from altgrad_jax.quantize import quantize, random_bits
 from altgrad_jax.rules import FormatSpec, check_format_spec
@@ -46,14 +49,20 @@ __all__ = [
 _U32 = jnp.uint32
 
 
-def _map_leaves(fmt: FormatSpec, updates: Any, params: Any, fn) -> Any:
-    """Applies ``fn(index, u, w, leaf_format)`` to leaves with a format; others pass through."""
-    treedef = jax.tree_util.tree_structure(params)
-    out = treedef.flatten_up_to(updates)
+def _map_leaves(fmt: FormatSpec, updates: Any, params: Any, fn, dtype=None) -> Any:
+    """Applies ``fn(index, u, w, leaf_format)`` to leaves with a format; others pass through.
+
+    Results take ``dtype(w)`` if given, else the update's dtype; boxed updates (NNX variables,
+    Linen partitioning) stay boxed.
+    """
+    layout = flatten_params(params)[3]
+    out = layout.flatten_up_to(updates)
     for i, _, w, leaf_fmt in iter_leaves(fmt, params):
         if leaf_fmt is not None:
-            out[i] = fn(i, out[i], w, leaf_fmt).astype(jnp.asarray(out[i]).dtype)
-    return treedef.unflatten(out)
+            u = unbox(out[i])
+            to = jnp.asarray(u).dtype if dtype is None else dtype(w)
+            out[i] = rebox(out[i], fn(i, u, w, leaf_fmt).astype(to))
+    return layout.unflatten(out)
 
 
 def _spacing_toward(w: jax.Array, direction: jax.Array, fmt: LeafFormat) -> jax.Array:
@@ -165,6 +174,10 @@ def rung_to_grid(rung: jax.Array, fmt: LeafFormat) -> jax.Array:
     return jnp.where(rung < 0, -magnitude, magnitude)
 
 
+def _float32_or_wider(w: Any) -> Any:
+    return jnp.promote_types(jnp.asarray(w).dtype, jnp.float32)
+
+
 class GridSGDState(NamedTuple):
     """State of :func:`grid_sgd`: the PRNG key for rounding fractional rungs."""
 
@@ -222,6 +235,8 @@ def grid_sgd(
             target = rung_to_grid(jnp.clip(rung + moved, -limit, limit), leaf_fmt) * s
             return target - w32
 
-        return _map_leaves(fmt, updates, params, leaf), GridSGDState(key)
+        # float32 moves (as the storage's): w + (target - w) is then a float32 sum.
+        moves = _map_leaves(fmt, updates, params, leaf, _float32_or_wider)
+        return moves, GridSGDState(key)
 
     return optax.GradientTransformation(init_fn, update_fn)

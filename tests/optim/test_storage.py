@@ -219,7 +219,9 @@ def test_path_rules_and_non_float_leaves():
         np.asarray(updates["dense"]["bias"]), np.float32(0.01)
     )  # float32, as is
     assert updates["n"].dtype == jnp.int32
-    assert state.scale["dense"]["bias"] is None and state.formats == (None, E5M2, None)
+    assert state.scale["dense"]["bias"] is None and state.grid["dense"]["bias"] is None
+    assert state.grid["n"] is None
+    assert state.grid["dense"]["kernel"] == format_params(E5M2).as_arrays()
 
 
 def test_fixed_scale_and_bad_arguments():
