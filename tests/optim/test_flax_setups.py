@@ -143,13 +143,20 @@ def _nnx_quant_step(model, optimizer, x, y):
     return grads
 
 
-@pytest.mark.parametrize("name", ["monitor", *STORAGE_RULES, "chained"])
+NNX_CASES = [
+    *[(GridOptimizer, _nnx_quant_step, name) for name in ["monitor", *STORAGE_RULES, "chained"]],
+    (GridOptimizer, _nnx_step, "chained"),  # plain nnx.value_and_grad
+    (nnx.Optimizer, _nnx_step, "monitor"),  # nnx's own optimizer
+    (nnx.Optimizer, _nnx_step, "chained"),
+]
+
+
 @pytest.mark.parametrize(
-    "optimizer_cls, step",
-    [(GridOptimizer, _nnx_quant_step), (GridOptimizer, _nnx_step), (nnx.Optimizer, _nnx_step)],
-    ids=["grid-quant", "grid-plain", "nnx-plain"],
+    "optimizer_cls, step, name",
+    NNX_CASES,
+    ids=[f"{c.__name__}-{s.__name__.strip('_')}-{n}" for c, s, n in NNX_CASES],
 )
-def test_nnx_optimizer_matches_the_bare_loop(name, optimizer_cls, step):
+def test_nnx_optimizer_matches_the_bare_loop(optimizer_cls, step, name):
     model = MLP(nnx.Rngs(0))
     tx = _transforms()[name]
     params0 = nnx.as_pure(nnx.state(model, nnx.Param))
