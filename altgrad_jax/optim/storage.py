@@ -134,6 +134,7 @@ class LowPrecisionState(NamedTuple):
       residual: per leaf, the rounding error carried to the next step (``compensated``).
       master: per leaf, the float32 master weights (``master``).
       landed: requested vs landed movement, see :class:`LandedStats`.
+      settled: whether the storage has stepped (the weights are then its grid values).
     """
 
     scale: Any
@@ -142,6 +143,30 @@ class LowPrecisionState(NamedTuple):
     residual: Any
     master: Any
     landed: LandedStats
+    settled: jax.Array
+
+
+def _zero_update_result(
+    w: jax.Array,
+    x0: jax.Array,
+    fmt: LeafFormat,
+    s: jax.Array,
+    rounding: str,
+    key: jax.Array | None,
+    settled: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """What the rule stores for a zero update, ``t0``, and the projection ``sum|t0 - w|``.
+
+    Once the storage has stepped and the grid (scale) is unchanged, the weights are the last
+    step's grid values and ``t0`` is ``w`` for every rule (``w + r`` and ``m`` round back to
+    ``w``), so the rounding pass is skipped (``lax.cond``; under ``vmap`` both sides run).
+    """
+
+    def project():
+        t0 = quantize(x0, fmt, s, rounding=rounding, key=key)
+        return t0, jnp.sum(jnp.abs(t0 - w))
+
+    return jax.lax.cond(settled, lambda: (w, jnp.zeros((), jnp.float32)), project)
 
 
 def _stored_formats(fmt: FormatSpec, params: Any) -> list[LeafFormat | None]:
@@ -220,6 +245,7 @@ def low_precision_storage(
             else None,
             master=per_entry(lambda w: jnp.asarray(w, jnp.float32)) if rule == "master" else None,
             landed=LandedStats.zero(),
+            settled=jnp.zeros((), jnp.bool_),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -256,21 +282,21 @@ def low_precision_storage(
                 new_masters[i] = rebox(masters[i], x)
             else:
                 x, x0 = w32 + u32, w32
-            s = resolve_scale(scale, x, leaf_fmt)
-            if rule == "stochastic":
-                leaf_key = jax.random.fold_in(step_key, i)
-                t = quantize(x, leaf_fmt, s, rounding="stochastic", key=leaf_key)
-                t0 = quantize(x0, leaf_fmt, s, rounding="stochastic", key=leaf_key)
-            else:
-                t, t0 = quantize(x, leaf_fmt, s), quantize(x0, leaf_fmt, s)
+            s = jnp.asarray(resolve_scale(scale, x, leaf_fmt), jnp.float32)
+            leaf_key = None if step_key is None else jax.random.fold_in(step_key, i)
+            rounding = "stochastic" if rule == "stochastic" else "nearest"
+            t = quantize(x, leaf_fmt, s, rounding=rounding, key=leaf_key)
+            t0, projection = _zero_update_result(
+                w32, x0, leaf_fmt, s, rounding, leaf_key, state.settled & (s == scales[i])
+            )
             if rule == "compensated":
                 new_residuals[i] = rebox(residuals[i], x - t)
             delta = t - w32
             out[i] = rebox(u_box, delta.astype(_update_dtype(w)))
-            new_scales[i] = jnp.asarray(s, jnp.float32)
+            new_scales[i] = s
             landed = landed + jnp.sum(jnp.abs(t - t0))
             requested = requested + jnp.sum(jnp.abs(u32))
-            projected = projected + jnp.sum(jnp.abs(t0 - w32))
+            projected = projected + projection
 
         new_state = state._replace(
             scale=layout.unflatten(new_scales),
@@ -278,6 +304,7 @@ def low_precision_storage(
             residual=layout.unflatten(new_residuals) if new_residuals is not None else None,
             master=layout.unflatten(new_masters) if new_masters is not None else None,
             landed=state.landed.add(landed, requested, projected),
+            settled=jnp.ones((), jnp.bool_),
         )
         return layout.unflatten(out), new_state
 

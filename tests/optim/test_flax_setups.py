@@ -334,6 +334,13 @@ def test_landed_ratio_counts_only_the_updates_movement_from_float32_params():
         params = apply_updates(params, updates, state)
         assert float(landed_stats(state).projected) == 0.0  # on the grid: nothing to project
     assert abs(float(landed_stats(state).run_ratio) - 1.0) < 0.1
+    # The settled shortcut (t0 = w, no rounding pass) equals the full computation.
+    short = landed_stats(jax.jit(tx.update)(grads, state, params)[1])
+    full = landed_stats(
+        jax.jit(tx.update)(grads, (state[0], state[1]._replace(settled=False)), params)[1]
+    )
+    assert float(full.projected) == 0.0
+    assert float(full.landed) == float(short.landed) > 0
 
 
 def test_states_are_found_by_name_with_optax_tree_utils():
