@@ -146,8 +146,7 @@ def _nnx_quant_step(model, optimizer, x, y):
 NNX_CASES = [
     *[(GridOptimizer, _nnx_quant_step, name) for name in ["monitor", *STORAGE_RULES, "chained"]],
     (GridOptimizer, _nnx_step, "chained"),  # plain nnx.value_and_grad
-    (nnx.Optimizer, _nnx_step, "monitor"),  # nnx's own optimizer
-    (nnx.Optimizer, _nnx_step, "chained"),
+    (nnx.Optimizer, _nnx_step, "chained"),  # nnx's own optimizer
 ]
 
 
