@@ -168,7 +168,8 @@ class StallMonitorState(NamedTuple):
     """State of :func:`monitor_stall`.
 
     ``last`` and ``total`` are over all monitored leaves (this step, and the whole run);
-    ``leaf_last`` and ``leaf_total`` have the params' structure (None for skipped leaves).
+    ``leaf_last`` and ``leaf_total`` have the params' structure without their NNX / Linen boxes
+    (None for skipped leaves), so Flax's partition-spec recipes replicate them.
     """
 
     inner_state: Any
