@@ -88,10 +88,15 @@ class QuantDotGeneral(nn.Module):
         lhs: jax.Array,
         rhs: jax.Array,
         axes: ContractionAxes | Callable[[], ContractionAxes] | None = None,
+        config: QuantConfig | None = None,
     ) -> jax.Array:
         """``contract(lhs, rhs)`` on quantized operands (any bilinear op, e.g. an einsum);
-        block formats need its ``axes`` (see :func:`altgrad_jax.quant_dot.quantized_contract`)."""
-        config = self.config
+        block formats need its ``axes`` (see :func:`altgrad_jax.quant_dot.quantized_contract`).
+
+        ``config`` overrides ``self.config`` for this call (an embedding lookup drops the
+        ``inputs`` role: its left operand is integer ids); the state is shared by name.
+        """
+        config = self.config if config is None else config
         if not isinstance(config, QuantConfig):
             raise TypeError(f"config must be a QuantConfig, got {config!r}")
         variables = {
