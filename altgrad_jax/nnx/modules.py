@@ -18,6 +18,7 @@ call's statistics are kept in :class:`QuantStatsVariable` variables and returned
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -68,6 +69,36 @@ class QuantStatsVariable(nnx.Variable):
 
 _KINDS = {"output_grads": OutputGradState, "output_grads_stats": OutputGradStats}
 
+# Set while quant_value_and_grad differentiates: only it records the output-gradient entries.
+IN_QUANT_GRAD: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "altgrad_in_quant_value_and_grad", default=False
+)
+
+
+@jax.custom_vjp
+def _needs_quant_value_and_grad(y: jax.Array) -> jax.Array:
+    """Identity whose backward pass fails outside ``quant_value_and_grad``: a plain
+    ``nnx.grad`` would drop the output-gradient history and statistics without a word."""
+    return y
+
+
+def _guard_fwd(y):
+    return y, None
+
+
+def _guard_bwd(_, dy):
+    if not IN_QUANT_GRAD.get():
+        raise RuntimeError(
+            "this model has layers with delayed output-gradient scaling or output-gradient "
+            "statistics, which a plain nnx.grad / nnx.value_and_grad silently drops (the "
+            "history would stay all zeros); differentiate with "
+            "altgrad_jax.nnx.quant_value_and_grad instead"
+        )
+    return (dy,)
+
+
+_needs_quant_value_and_grad.defvjp(_guard_fwd, _guard_bwd)
+
 
 class _QuantOp(nnx.Module):
     """The state and the quantized contraction shared by :class:`QuantDotGeneral` and
@@ -100,17 +131,23 @@ class _QuantOp(nnx.Module):
         contract: Callable[[jax.Array, jax.Array], jax.Array],
         lhs: jax.Array,
         rhs: jax.Array,
-        axes: Callable[[], ContractionAxes],
+        axes: ContractionAxes | Callable[[], ContractionAxes] | None = None,
+        config: QuantConfig | None = None,
     ) -> jax.Array:
-        names = state_names(self.config)
+        """``contract(lhs, rhs)`` quantized; ``config`` (default ``self.config``) may drop
+        roles of it for this call (an embedding lookup drops ``inputs``), sharing the state."""
+        config = self.config if config is None else config
+        names = state_names(config)
         state = QuantDotState(**{name: getattr(self, name).get_value() for name in names})
         key = None if self.quant_rngs is None else self.quant_rngs()
-        y, new_state, stats = quantized_contract(contract, lhs, rhs, self.config, state, key, axes)
+        y, new_state, stats = quantized_contract(contract, lhs, rhs, config, state, key, axes)
         for role in ("inputs", "weights"):
             if role in names:
                 getattr(self, role).set_value(getattr(new_state, role))
         for role, role_stats in stats.items():
             getattr(self, f"{role}_stats").set_value(role_stats)
+        if "output_grads" in names or "output_grads_stats" in names:
+            y = _needs_quant_value_and_grad(y)
         return y
 
     def quant_stats(self) -> dict[str, QuantStats]:

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from altgrad_jax.nnx.modules import OutputGradState, OutputGradStats, QuantState
+from altgrad_jax.nnx.modules import IN_QUANT_GRAD, OutputGradState, OutputGradStats, QuantState
 from altgrad_jax.quant_dot import next_entry
 from altgrad_jax.rules import path_str
 
@@ -42,7 +42,11 @@ def quant_value_and_grad(fun: Callable[..., Any], has_aux: bool = False) -> Call
 
     def wrapped(model: nnx.Module, *args, **kwargs):
         forward_state = nnx.state(model, backward)
-        value, all_grads = value_and_grad(model, *args, **kwargs)
+        token = IN_QUANT_GRAD.set(True)
+        try:
+            value, all_grads = value_and_grad(model, *args, **kwargs)
+        finally:
+            IN_QUANT_GRAD.reset(token)
         grads, cotangents = nnx.split_state(all_grads, nnx.Param, backward)
 
         def advance(path, forward: nnx.Variable, cotangent: nnx.Variable) -> nnx.Variable:
