@@ -93,24 +93,27 @@ class QuantDotGeneral(nn.Module):
         """``contract(lhs, rhs)`` on quantized operands (any bilinear op, e.g. an einsum);
         block formats need its ``axes`` (see :func:`altgrad_jax.quant_dot.quantized_contract`).
 
-        ``config`` overrides ``self.config`` for this call (an embedding lookup drops the
-        ``inputs`` role: its left operand is integer ids); the state is shared by name.
+        ``config`` overrides ``self.config`` for this call, with a subset of its roles (an
+        embedding lookup drops ``inputs``: its left operand is integer ids); the state is
+        ``self.config``'s, shared by name.
         """
-        config = self.config if config is None else config
-        if not isinstance(config, QuantConfig):
-            raise TypeError(f"config must be a QuantConfig, got {config!r}")
+        own = self.config
+        if not isinstance(own, QuantConfig):
+            raise TypeError(f"config must be a QuantConfig, got {own!r}")
+        config = own if config is None else config
         variables = {
-            name: self.variable(QUANT_STATE, name, initial_entry, config, name)
-            for name in state_names(config)
+            name: self.variable(QUANT_STATE, name, initial_entry, own, name)
+            for name in state_names(own)
         }
+        used = state_names(config)
         key = None
         if config.needs_rng and self.has_rng(config.rng_stream):
             key = self.make_rng(config.rng_stream)
-        state = QuantDotState(**{name: var.value for name, var in variables.items()})
+        state = QuantDotState(**{name: variables[name].value for name in used})
         y, new_state, stats = quantized_contract(contract, lhs, rhs, config, state, key, axes)
         if self.is_mutable_collection(QUANT_STATE) and not self.is_initializing():
             for role in ("inputs", "weights"):
-                if role in variables:
+                if role in used:
                     variables[role].value = getattr(new_state, role)
         for role, role_stats in stats.items():
             self.sow(QUANT_STATS, role, role_stats)
