@@ -19,8 +19,8 @@ import dataclasses
 from typing import Any
 
 from flax import nnx
-from jax import lax
 from flax.nnx.nn.attention import dot_product_attention as nnx_attention
+from jax import lax
 
 from altgrad_jax.config import QuantConfig
 from altgrad_jax.linen.report import (
