@@ -216,3 +216,45 @@ def test_unsupported_layers_raise_and_unmatched_patterns_warn():
     assert report.unmatched_patterns == ("nothing_here",)
     plain = qnnx.quantization_report(Odd(nnx.Rngs(0)))
     assert {layer.reason for layer in plain.layers} == {"no rules given"}
+
+
+def test_linen_and_nnx_compute_the_same_numbers_and_states():
+    """Conv, embedding (lookup + attend) and attention: one step of each framework agrees."""
+    import flax.linen as nn
+
+    from altgrad_jax import linen as ql
+
+    x = jax.random.normal(jax.random.key(2), (2, 7, 7, 3)) * 3
+    nnx_conv = qnnx.QuantConv(3, 4, (3, 3), strides=2, config=DELAYED, rngs=nnx.Rngs(0))
+    linen_conv = ql.QuantConv(4, (3, 3), strides=2, config=DELAYED)
+    nnx_embed = qnnx.QuantEmbed(16, 8, config=DELAYED, rngs=nnx.Rngs(0))
+    linen_embed = ql.QuantEmbed(16, 8, config=DELAYED)
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 2, 4)) for i in range(3))
+    cases = [
+        (nnx_conv, linen_conv, lambda m: m(x), lambda m: m(x)),
+        (nnx_embed, linen_embed, lambda m: m.attend(m(IDS)), lambda m: m.attend(m(IDS))),
+        (
+            qnnx.QuantAttention(DELAYED),
+            ql.QuantAttention(DELAYED),
+            lambda m: m(q, k, v, is_causal=True),
+            lambda m: m(q, k, v, mask=nn.make_causal_mask(jnp.ones((2, 5)))),
+        ),
+    ]
+    for nnx_model, linen_model, nnx_call, linen_call in cases:
+        variables = linen_model.init(jax.random.key(0), method=linen_call)
+        params = nnx.to_pure_dict(nnx.state(nnx_model, nnx.Param))
+        state = variables[ql.QUANT_STATE]
+
+        def loss_fn(params, state, model=linen_model, call=linen_call):
+            y, new = model.apply(
+                {"params": params, ql.QUANT_STATE: state}, method=call, mutable=[ql.QUANT_STATE]
+            )
+            return jnp.sum(jnp.sin(y)), new[ql.QUANT_STATE]
+
+        loss, grads, state = ql.quant_value_and_grad(loss_fn)(params, state)
+        nnx_loss, nnx_grads, nnx_state = qnnx.quant_value_and_grad(
+            lambda m, call=nnx_call: jnp.sum(jnp.sin(call(m)))
+        )(nnx_model)
+        np.testing.assert_array_equal(nnx_loss, loss)
+        jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx_grads), grads)
+        jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx_state), state)
