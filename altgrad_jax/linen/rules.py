@@ -125,11 +125,9 @@ def quantized_call(
         call = embed_lookup if method == "__call__" else embed_attend
         return call(module, op, *args, **kwargs)
     if isinstance(module, nn.MultiHeadDotProductAttention):
-        clone = module.clone(
-            parent=scope,
-            attention_fn=QuantAttention(config, parent=None),
-            force_fp32_for_softmax=True,
-        )
+        # Flax adopts the unbound QuantAttention as the child "attention_fn" (state paths
+        # <attention>/attention_fn/scores/...); its softmax is float32 whatever the dtype.
+        clone = module.clone(parent=scope, attention_fn=QuantAttention(config, parent=None))
     elif isinstance(module, nn.Conv):
         cls = quant_conv_cls(config, module.conv_general_dilated)
         clone = module.clone(parent=scope, conv_general_dilated_cls=cls, conv_general_dilated=None)

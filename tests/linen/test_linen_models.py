@@ -249,3 +249,24 @@ def test_patterns_matching_no_layer_warn_and_are_reported():
     assert report.unmatched_patterns == ("nothing_here",)
     assert report["Dense_0"].reason == "no rule matched"
     assert "matched no layer" in str(report)
+
+
+def test_quantized_attention_keeps_flax_decode_cache_and_dropout():
+    mha = nn.MultiHeadDotProductAttention(num_heads=2, dropout_rate=0.5, decode=True)
+    model = ql.quantize_model(mha, PathRules(default=CFG), attention=True)
+    x = jax.random.normal(jax.random.key(0), (2, 4, 8))
+    variables = model.init(jax.random.key(1), x, deterministic=True)
+    cache, quant_state = variables["cache"], variables[ql.QUANT_STATE]
+    outputs = []
+    for t in range(4):
+        y, updates = model.apply(
+            {"params": variables["params"], "cache": cache, ql.QUANT_STATE: quant_state},
+            x[:, t : t + 1],
+            deterministic=False,
+            rngs={"dropout": jax.random.key(t)},
+            mutable=["cache", ql.QUANT_STATE],
+        )
+        cache, quant_state = updates["cache"], updates[ql.QUANT_STATE]
+        outputs.append(y)
+    assert int(cache["cache_index"]) == 4 and all(np.isfinite(y).all() for y in outputs)
+    assert int(quant_state["attention_fn"]["scores"]["inputs"].count) == 4
