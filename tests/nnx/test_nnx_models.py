@@ -258,3 +258,15 @@ def test_linen_and_nnx_compute_the_same_numbers_and_states():
         np.testing.assert_array_equal(nnx_loss, loss)
         jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx_grads), grads)
         jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx_state), state)
+
+
+def test_quantized_attention_keeps_flax_decode_cache_and_dropout():
+    mha = nnx.MultiHeadAttention(2, 8, dropout_rate=0.5, decode=True, rngs=nnx.Rngs(0))
+    model = qnnx.quantize_model(mha, PathRules(default=CFG), attention=True)
+    x = jax.random.normal(jax.random.key(0), (2, 4, 8))
+    model.init_cache(x.shape)
+    for t in range(4):
+        y = model(x[:, t : t + 1], deterministic=False, rngs=nnx.Rngs(dropout=t))
+        assert np.isfinite(y).all()
+    assert int(model.cache_index[...]) == 4
+    assert int(model.attention_fn.scores.inputs.get_value().count) == 4
