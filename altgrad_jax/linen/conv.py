@@ -7,11 +7,16 @@ are JAX's transposes of the forward one. Flax's ``__call__`` runs unchanged, so 
 (including CIRCULAR, REFLECT, CAUSAL), strides, dilations, feature groups, masks and batch
 flattening behave exactly as in ``nn.Conv``. State lives under
 ``quant_state/<layer>/conv_general_dilated``, the name of the NNX layer's attribute.
+
+Block formats block x and W along the input features (:func:`conv_axes`); each backward
+convolution requantizes its own operands (dY along the output features for the input gradient,
+x and dY along batch and space for the weight gradient), as for a dense layer.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,8 +27,9 @@ from jax import lax
 
 from altgrad_jax.config import QuantConfig
 from altgrad_jax.linen.modules import QuantDotGeneral, contraction
+from altgrad_jax.quant_dot import ContractionAxes
 
-__all__ = ["QuantConv", "QuantConvGeneralDilated", "quant_conv_cls"]
+__all__ = ["QuantConv", "QuantConvGeneralDilated", "conv_axes", "quant_conv_cls"]
 
 
 def conv_contraction(
@@ -55,6 +61,38 @@ def conv_contraction(
     )
 
 
+def conv_axes(
+    lhs_shape: Sequence[int],
+    rhs_shape: Sequence[int],
+    dimension_numbers: Any = None,
+    batch_group_count: int = 1,
+) -> ContractionAxes:
+    """The :class:`ContractionAxes` that block formats use for a convolution.
+
+    Forward blocks run along the input features of x and W (the contraction axis of the
+    per-pixel GEMM); the input gradient blocks dY along the output features, the weight
+    gradient blocks x and dY along batch and space (that GEMM's contraction).
+    """
+    if batch_group_count != 1:
+        raise ValueError("block formats do not support batch_group_count != 1 in a convolution")
+    numbers = lax.conv_dimension_numbers(tuple(lhs_shape), tuple(rhs_shape), dimension_numbers)
+    lhs_spec, rhs_spec, out_spec = numbers
+    return ContractionAxes(
+        (lhs_spec[1],), (rhs_spec[1],), (out_spec[0], *out_spec[2:]), (out_spec[1],)
+    )
+
+
+def conv_call_axes(
+    lhs: jax.Array, rhs: jax.Array, args: tuple, kwargs: dict[str, Any]
+) -> Callable[[], ContractionAxes]:
+    """:func:`conv_axes` of a ``conv_general_dilated(lhs, rhs, *args, **kwargs)`` call, lazily
+    (only block formats ask for them)."""
+    bound = inspect.signature(lax.conv_general_dilated).bind(lhs, rhs, *args, **kwargs)
+    numbers = bound.arguments.get("dimension_numbers")
+    groups = bound.arguments.get("batch_group_count", 1)
+    return functools.partial(conv_axes, lhs.shape, rhs.shape, numbers, groups)
+
+
 class QuantConvGeneralDilated(QuantDotGeneral):
     """A drop-in ``lax.conv_general_dilated`` whose operands and output gradient are quantized.
 
@@ -69,7 +107,7 @@ class QuantConvGeneralDilated(QuantDotGeneral):
 
     def __call__(self, lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         contract = conv_contraction(self.conv_general_dilated, *args, **kwargs)
-        return self.quantized(contract, lhs, rhs)
+        return self.quantized(contract, lhs, rhs, conv_call_axes(lhs, rhs, args, kwargs))
 
 
 def quant_conv_cls(

@@ -25,7 +25,7 @@ from jax import lax
 
 from altgrad_jax.config import QuantConfig
 from altgrad_jax.linen.attention import dot_product_attention
-from altgrad_jax.linen.conv import conv_contraction
+from altgrad_jax.linen.conv import conv_call_axes, conv_contraction
 from altgrad_jax.linen.embed import attend_contract, lookup_config, lookup_contract
 from altgrad_jax.nnx.modules import QuantDotGeneral, QuantEinsumOp, _QuantOp
 
@@ -46,7 +46,8 @@ class QuantConvOp(_QuantOp):
         self.op = conv_general_dilated
 
     def __call__(self, lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        return self._quantized(conv_contraction(self.op, *args, **kwargs), lhs, rhs)
+        contract = conv_contraction(self.op, *args, **kwargs)
+        return self._quantized(contract, lhs, rhs, conv_call_axes(lhs, rhs, args, kwargs))
 
 
 class QuantConv(nnx.Conv):

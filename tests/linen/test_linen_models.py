@@ -270,3 +270,20 @@ def test_quantized_attention_keeps_flax_decode_cache_and_dropout():
         outputs.append(y)
     assert int(cache["cache_index"]) == 4 and all(np.isfinite(y).all() for y in outputs)
     assert int(quant_state["attention_fn"]["scores"]["inputs"].count) == 4
+
+
+def test_conv_with_block_formats_blocks_along_the_input_features():
+    block = QuantConfig(inputs="MXFP8_E4M3", weights="MXFP8_E4M3", output_grads="MXFP8_E5M2")
+    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 40)) * 3
+    conv = ql.QuantConv(8, (3, 3), config=block)
+    variables = conv.init(jax.random.key(3), x)
+    y, _ = conv.apply(variables, x, mutable=True)
+    params = variables["params"]
+    hand_params = {
+        "kernel": ag.quantize(params["kernel"], ag.MXFP8_E4M3, axis=2),
+        "bias": params["bias"],
+    }
+    hand = nn.Conv(8, (3, 3)).apply({"params": hand_params}, ag.quantize(x, ag.MXFP8_E4M3, axis=-1))
+    np.testing.assert_array_equal(y, hand)
+    grads = jax.grad(lambda p: jnp.sum(conv.apply({"params": p}, x, mutable=True)[0] ** 2))(params)
+    assert np.isfinite(grads["kernel"]).all() and float(jnp.abs(grads["kernel"]).sum()) > 0
