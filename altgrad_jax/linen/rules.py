@@ -302,8 +302,10 @@ def quantization_report(
       warn: emit an :class:`UnmatchedRuleWarning` for patterns that matched no layer.
 
     Returns:
-      A :class:`QuantReport`: every Dense, DenseGeneral, Einsum, Conv, Embed and attention
-      call (deduplicated by path and kind), quantized or not and why.
+      A :class:`QuantReport`: every Dense, DenseGeneral, Einsum, Conv, ConvTranspose,
+      ConvLocal, Embed and attention call (deduplicated by path and kind), quantized or not and
+      why. Matmuls written directly with ``jnp``/``lax`` inside a module's body are not layers:
+      neither the rules nor the report see them.
 
     Raises:
       ValueError: a rule selects a layer the library cannot quantize (as ``init`` would).
