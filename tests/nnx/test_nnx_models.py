@@ -118,8 +118,8 @@ def _optimizer():
 def test_decoder_trains_compiles_once_reports_and_resumes():
     rules = PathRules((("mlp_out", None), ("embed", QuantConfig.uniform("E5M2", "E5M2"))), DELAYED)
     model = qnnx.quantize_model(Decoder(nnx.Rngs(0)), rules, attention=True)
-    # The stall monitor's state goes through optax directly: nnx.Optimizer turns its
-    # dataclass pytrees into nnx.State (see the report; the CNN test uses nnx.Optimizer).
+    # optax directly, on pure dicts (plain nnx.Optimizer cannot hold the stall monitor's state:
+    # altgrad_jax.optim.GridOptimizer is the NNX wrapper for it; the CNN test uses nnx.Optimizer).
     tx = _optimizer()
     opt_state = tx.init(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     traces = []
