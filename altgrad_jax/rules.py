@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from altgrad_jax.formats import FloatFormat, FormatLike, FormatParams, get_format
+from altgrad_jax.formats import BlockFormat, FloatFormat, FormatLike, FormatParams, get_format
 
 __all__ = ["FormatSpec", "PathRules", "check_format_spec", "leaf_format", "path_str"]
 
@@ -87,7 +87,7 @@ def check_format_spec(spec: FormatSpec) -> FormatSpec:
     For :class:`PathRules`, every rule value and the default must be a format, a format name,
     :class:`FormatParams` or None, so a typo fails at construction rather than at ``init``.
     """
-    if isinstance(spec, (FloatFormat, FormatParams)):
+    if isinstance(spec, (FloatFormat, BlockFormat, FormatParams)):
         return spec
     if isinstance(spec, str):
         return get_format(spec)
@@ -108,9 +108,9 @@ def leaf_format(spec: FormatSpec, path: Any, leaf: Any) -> FloatFormat | FormatP
     gives None). Names are resolved; traced :class:`FormatParams` pass through."""
     if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
         return None
-    if isinstance(spec, (FloatFormat, FormatParams)):
+    if isinstance(spec, (FloatFormat, BlockFormat, FormatParams)):
         return spec
     value = get_format(spec) if isinstance(spec, str) else spec(path, leaf)
-    if value is None or isinstance(value, (FloatFormat, FormatParams)):
+    if value is None or isinstance(value, (FloatFormat, BlockFormat, FormatParams)):
         return value
     return get_format(value)

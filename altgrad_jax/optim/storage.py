@@ -30,6 +30,14 @@ off-grid start, or with wider exponents (where a jump across ~20 binades rounds)
 :func:`apply_updates`, :class:`GridOptimizer` or :class:`GridTrainState`, which snap the sum onto
 the grid the storage rounded to.
 
+Block formats (MXFP8/6/4, NVFP4, tiles) store each leaf with the scales of its own blocks,
+recomputed every step from the candidate weights ``w + u`` by the format's scale rule (see
+:mod:`altgrad_jax.blocks`); 1-D blocks run along a kernel's input-feature axis (axis -2, the
+contraction axis of Flax's Dense and Conv kernels) and along the only axis of a vector. Under
+``nearest`` a zero update leaves every stored weight unchanged: with the ``rceil`` rule the
+block maximum keeps its scale, and a block whose maximum rounded down halves its scale, which
+holds every stored value exactly. The ``scale`` of such leaves in the state is 1.
+
 The landed movement is measured against what the same rule would have stored for a zero update
 (the same scale and random bits): only the movement the update caused counts as landed. The
 difference between that and the current weights, the projection of an off-grid start (or of a
@@ -38,13 +46,14 @@ rescaled grid), is reported apart as ``projected``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from altgrad_jax.formats import FormatParams, as_params
+from altgrad_jax.formats import BlockFormat, FormatParams, as_params
 from altgrad_jax.optim._common import (
     LeafFormat,
     RunningSum,
@@ -146,6 +155,33 @@ class LowPrecisionState(NamedTuple):
     settled: jax.Array
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class BlockGrid:
+    """A block format in the state's ``grid`` (static: it has no arrays, its blocks do)."""
+
+    format: BlockFormat
+
+
+def storage_axis(ndim: int) -> int | tuple[int, int] | None:
+    """The blocked axis of a stored leaf: a kernel's input features (-2), a vector's only one."""
+    return -2 if ndim >= 2 else -1
+
+
+def store(x: jax.Array, fmt: Any, s: Any, rounding: str, key: jax.Array | None) -> jax.Array:
+    """``x`` rounded onto a leaf's grid: per-tensor ``fmt`` at scale ``s``, or its blocks."""
+    if isinstance(fmt, BlockGrid):
+        fmt = fmt.format
+    if isinstance(fmt, BlockFormat):
+        axis = None if len(fmt.block_shape) == 2 else storage_axis(x.ndim)
+        return quantize(x, fmt, rounding=rounding, key=key, axis=axis)
+    return quantize(x, fmt, s, rounding=rounding, key=key)
+
+
+def _grid_entry(fmt: LeafFormat | BlockFormat) -> Any:
+    return BlockGrid(fmt) if isinstance(fmt, BlockFormat) else as_params(fmt).as_arrays()
+
+
 def _zero_update_result(
     w: jax.Array,
     x0: jax.Array,
@@ -163,7 +199,7 @@ def _zero_update_result(
     """
 
     def project():
-        t0 = quantize(x0, fmt, s, rounding=rounding, key=key)
+        t0 = store(x0, fmt, s, rounding, key)
         return t0, jnp.sum(jnp.abs(t0 - w))
 
     return jax.lax.cond(settled, lambda: (w, jnp.zeros((), jnp.float32)), project)
@@ -238,7 +274,7 @@ def low_precision_storage(
             key = jax.random.key(seed) if isinstance(seed, int) else seed
         return LowPrecisionState(
             scale=per_leaf(lambda f: jnp.ones((), jnp.float32)),
-            grid=per_leaf(lambda f: as_params(f).as_arrays()),
+            grid=per_leaf(_grid_entry),
             key=key,
             residual=per_entry(lambda w: jnp.zeros_like(w, jnp.float32))
             if rule == "compensated"
@@ -282,10 +318,13 @@ def low_precision_storage(
                 new_masters[i] = rebox(masters[i], x)
             else:
                 x, x0 = w32 + u32, w32
-            s = jnp.asarray(resolve_scale(scale, x, leaf_fmt), jnp.float32)
+            if isinstance(leaf_fmt, BlockFormat):
+                s = jnp.ones((), jnp.float32)  # the scales live in the blocks
+            else:
+                s = jnp.asarray(resolve_scale(scale, x, leaf_fmt), jnp.float32)
             leaf_key = None if step_key is None else jax.random.fold_in(step_key, i)
             rounding = "stochastic" if rule == "stochastic" else "nearest"
-            t = quantize(x, leaf_fmt, s, rounding=rounding, key=leaf_key)
+            t = store(x, leaf_fmt, s, rounding, leaf_key)
             t0, projection = _zero_update_result(
                 w32, x0, leaf_fmt, s, rounding, leaf_key, state.settled & (s == scales[i])
             )
@@ -324,7 +363,7 @@ def snap_to_grid(params: Any, opt_state: Any) -> Any:
         scales = layout.flatten_up_to(state.scale)
         for i, w in enumerate(leaves):
             if grids[i] is not None:
-                leaves[i] = quantize(w, grids[i], scales[i])
+                leaves[i] = store(w, grids[i], scales[i], "nearest", None)
     return layout.unflatten([rebox(b, w) for b, w in zip(boxes, leaves, strict=True)])
 
 
