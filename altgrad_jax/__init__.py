@@ -49,7 +49,7 @@ from altgrad_jax.formats import (
 )
 from altgrad_jax.quantize import quantize, random_bits
 from altgrad_jax.rules import FormatSpec, PathRules, leaf_format, path_str
-from altgrad_jax.scaling import AmaxHistory, compute_scale, scale_and_update
+from altgrad_jax.scaling import AmaxHistory, compute_scale, finite_amax, scale_and_update
 from altgrad_jax.stall import (
     BitStallDetector,
     ExactCount,
@@ -101,6 +101,7 @@ __all__ = [
     "block_amax",
     "block_scales",
     "compute_scale",
+    "finite_amax",
     "detect_bit_stall",
     "format_params",
     "format_table",

@@ -8,6 +8,20 @@ history of recent maxima (Micikevicius et al., 2022, "FP8 Formats for Deep Learn
   (the default here, as in the project this library grew from);
 * **delayed** scaling uses the history from before this tensor, as NVIDIA Transformer Engine does,
   so the scale is known before the tensor is computed.
+
+Non-finite amaxes never enter a window. A tensor holding an inf or a NaN has no usable range, so
+recording it would poison the next ``history_len`` scales (one inf makes every later scale inf and
+every later tensor NaN). ``record`` / ``update`` of a non-finite amax return the window unchanged,
+and the step keeps the scale of the last finite window, as Flax's ``fp8_ops`` and Transformer
+Engine do; the tensor's own inf and NaN elements stay visible in what it quantizes to (inf
+saturates or stays inf, NaN stays NaN), and ``scale_and_update(..., return_finite=True)`` reports
+the event so that layers can count it.
+
+An empty window (the first step, or every step so far non-finite) has no history to scale from.
+Both modes then scale from the tensor itself, from the largest magnitude among its *finite*
+elements (0 when it has none, which gives ``scale_min`` like an all-zero tensor): the first step
+of delayed scaling thus equals current scaling instead of clipping everything beyond 1.0, and a
+first tensor holding an inf still quantizes its finite elements normally.
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from altgrad_jax._checks import (
+    check_bool,
     check_choice,
     check_positive_float,
     check_positive_int,
@@ -32,6 +47,7 @@ __all__ = [
     "AmaxHistory",
     "ScalingMode",
     "compute_scale",
+    "finite_amax",
     "scale_and_update",
 ]
 
@@ -69,23 +85,47 @@ class AmaxHistory:
         return self.history.shape[-1]
 
     def update(self, x: jax.Array) -> AmaxHistory:
-        """Returns a new history with ``max|x|`` recorded (NaN in x is recorded as NaN)."""
-        x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"AmaxHistory.update takes floating-point input, got {x.dtype}")
-        amax = jnp.max(jnp.abs(x), initial=0.0).astype(jnp.float32)
-        return self.record(amax)
+        """Returns a new history with ``max|x|`` recorded, or this one if x holds inf or NaN."""
+        return self.record(_amax(_check_floating(x, "AmaxHistory.update")))
 
     def record(self, amax: jax.Array) -> AmaxHistory:
-        """Returns a new history with the given amax (a scalar) recorded."""
-        history = jnp.concatenate([jnp.reshape(amax, (1,)).astype(jnp.float32), self.history[:-1]])
+        """Returns a new history with the given amax (a scalar) recorded; a non-finite amax
+        leaves the window (and ``count``) as it was."""
+        amax = jnp.reshape(jnp.asarray(amax, jnp.float32), ())
+        finite = jnp.isfinite(amax)
+        history = jnp.concatenate([jnp.reshape(amax, (1,)), self.history[:-1]])
         count = jnp.minimum(self.count + 1, self.history_len)
-        return self.replace(history=history, count=count)
+        return self.replace(
+            history=jnp.where(finite, history, self.history),
+            count=jnp.where(finite, count, self.count),
+        )
 
-    def get_amax(self) -> jax.Array:
-        """The amax the history implies; 1.0 before anything was recorded."""
+    def get_amax(self, empty: float | jax.Array = 1.0) -> jax.Array:
+        """The amax the history implies; ``empty`` (1.0 by default) before anything was
+        recorded."""
         amax = self.history[0] if self.algorithm == "most_recent" else jnp.max(self.history)
-        return jnp.where(self.count > 0, amax, jnp.float32(1.0))
+        return jnp.where(self.count > 0, amax, jnp.asarray(empty, jnp.float32))
+
+
+def _check_floating(x: jax.Array, what: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{what} takes floating-point input, got {x.dtype}")
+    return x
+
+
+def _amax(x: jax.Array) -> jax.Array:
+    """``max|x|`` as float32; NaN if x holds a NaN, 0 for an empty x."""
+    return jnp.max(jnp.abs(x), initial=0.0).astype(jnp.float32)
+
+
+def finite_amax(x: jax.Array) -> jax.Array:
+    """The largest magnitude among the finite elements of ``x`` (float32; 0 if there are none).
+
+    What an empty window falls back to (see the module docstring).
+    """
+    a = jnp.abs(_check_floating(x, "finite_amax"))
+    return jnp.max(jnp.where(jnp.isfinite(a), a, 0), initial=0.0).astype(jnp.float32)
 
 
 def _scale_factor(fmt: FormatLike, margin: float) -> jax.Array:
@@ -121,13 +161,34 @@ def scale_and_update(
     *,
     scale_min: float = DEFAULT_SCALE_MIN,
     margin: float = DEFAULT_MARGIN,
-) -> tuple[jax.Array, AmaxHistory]:
+    return_finite: bool = False,
+) -> tuple[jax.Array, AmaxHistory] | tuple[jax.Array, AmaxHistory, jax.Array]:
     """The scale to quantize ``x`` with, and the history with ``x``'s amax recorded.
 
     "current" records first and scales from the updated window; "delayed" scales from the
-    window as it was, then records.
+    window as it was, then records. A non-finite amax is not recorded (the scale comes from the
+    window as it was); an empty window scales from :func:`finite_amax` of ``x``. The scale is
+    therefore always finite and at least ``scale_min``.
+
+    Args:
+      history: the tensor role's window.
+      x: the tensor about to be quantized.
+      fmt: its format (or traced :class:`FormatParams`).
+      mode: "current" or "delayed".
+      scale_min, margin: as in :func:`compute_scale`.
+      return_finite: also return whether ``max|x|`` was finite (a bool scalar), so a caller can
+        count the steps whose amax was skipped.
+
+    Returns:
+      ``(scale, new_history)``, or ``(scale, new_history, finite)`` with ``return_finite``.
     """
     check_choice("scaling mode", mode, SCALING_MODES)
-    new_history = history.update(x)
+    check_bool("return_finite", return_finite)
+    x = _check_floating(x, "scale_and_update")
+    amax = _amax(x)
+    new_history = history.record(amax)
     source = new_history if mode == "current" else history
-    return compute_scale(source.get_amax(), fmt, scale_min, margin), new_history
+    scale = compute_scale(source.get_amax(empty=finite_amax(x)), fmt, scale_min, margin)
+    if return_finite:
+        return scale, new_history, jnp.isfinite(amax)
+    return scale, new_history

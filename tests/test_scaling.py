@@ -48,10 +48,68 @@ def test_zero_tensor_is_recorded_as_zero():
     assert float(h.get_amax()) == 0.0
 
 
-def test_nan_stays_visible():
-    h = ag.AmaxHistory.create(2).update(jnp.array([1.0, jnp.nan]))
-    assert np.isnan(h.get_amax())
-    assert np.isnan(ag.compute_scale(h.get_amax(), ag.E4M3))
+def test_compute_scale_keeps_a_nan_amax_visible():
+    assert np.isnan(ag.compute_scale(jnp.float32(jnp.nan), ag.E4M3))
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_non_finite_amax_never_enters_the_window(bad):
+    h = ag.AmaxHistory.create(3).update(jnp.array([2.0]))
+    for skipped in (h.update(jnp.array([1.0, bad])), h.record(jnp.float32(bad))):
+        np.testing.assert_array_equal(skipped.history, h.history)
+        assert int(skipped.count) == 1
+    empty = ag.AmaxHistory.create(3).update(jnp.array([bad]))
+    assert int(empty.count) == 0 and float(empty.get_amax()) == 1.0
+
+
+def test_get_amax_of_an_empty_window_is_configurable():
+    assert float(ag.AmaxHistory.create(2).get_amax(empty=7.0)) == 7.0
+    assert float(ag.AmaxHistory.create(2).update(jnp.ones(1)).get_amax(empty=7.0)) == 1.0
+
+
+def test_finite_amax_ignores_inf_and_nan():
+    assert float(ag.finite_amax(jnp.array([jnp.inf, 1.0, jnp.nan, -3.0]))) == 3.0
+    assert float(ag.finite_amax(jnp.array([jnp.nan, -jnp.inf]))) == 0.0
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("mode", ["current", "delayed"])
+def test_one_inf_keeps_its_neighbours_and_later_steps_clean(mode, jit):
+    x = jnp.array([jnp.inf, 1.0, 2.0, -3.0, jnp.nan], jnp.float32)
+
+    def step(h, x):
+        scale, h, finite = ag.scale_and_update(h, x, ag.E4M3, mode, return_finite=True)
+        return ag.quantize(x, ag.E4M3, scale), scale, h, finite
+
+    step = jax.jit(step) if jit else step
+    # First step, empty window: the finite elements set the scale.
+    q, scale, h, finite = step(ag.AmaxHistory.create(4), x)
+    assert not bool(finite) and int(h.count) == 0
+    assert float(scale) == float(ag.compute_scale(3.0, ag.E4M3))
+    assert float(q[0]) == float(448 * scale) and np.isnan(q[4])
+    np.testing.assert_array_equal(q[1:4], ag.quantize(x[1:4], ag.E4M3, scale))
+    # Later: the bad tensor uses (and leaves) the last finite window; the next one is clean.
+    h = ag.AmaxHistory.create(4).update(jnp.array([10.0]))
+    q, scale, h2, finite = step(h, x)
+    assert not bool(finite) and float(scale) == float(ag.compute_scale(10.0, ag.E4M3))
+    np.testing.assert_array_equal(h2.history, h.history)
+    np.testing.assert_array_equal(q[1:4], ag.quantize(x[1:4], ag.E4M3, scale))
+    assert float(q[0]) == float(448 * scale) and np.isnan(q[4])
+    clean = jnp.array([1.0, 2.0])
+    q, scale, _, finite = step(h2, clean)
+    assert bool(finite) and np.all(np.isfinite(q))
+    assert float(scale) == float(ag.compute_scale(10.0, ag.E4M3))
+
+
+def test_delayed_first_step_scales_from_the_tensor():
+    x = jnp.array([3.0, 100.0])
+    scale, h = ag.scale_and_update(ag.AmaxHistory.create(4), x, ag.E4M3, "delayed")
+    assert float(scale) == float(ag.compute_scale(100.0, ag.E4M3))
+    q = np.asarray(ag.quantize(x, ag.E4M3, scale))
+    assert q[0] == pytest.approx(3.0, rel=2**-3) and q[1] == pytest.approx(100.0, rel=2**-3)
+    # The second step is delayed as usual: it uses the first tensor's amax.
+    scale2, _ = ag.scale_and_update(h, jnp.array([1000.0]), ag.E4M3, "delayed")
+    assert float(scale2) == float(ag.compute_scale(100.0, ag.E4M3))
 
 
 def test_compute_scale_formula():
