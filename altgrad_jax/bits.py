@@ -38,6 +38,8 @@ __all__ = [
     "from_bits",
     "power_of_two",
     "round_float32",
+    "scale_float32",
+    "split_scale",
     "to_bits",
     "ulp",
 ]
@@ -78,8 +80,8 @@ def round_float32(
     Finite overflow and inf saturate to the largest finite value (inf stays inf in formats with
     inf); NaN stays NaN. ``random_bits`` (uint32, x's shape) drive stochastic rounding: the
     element rounds up with probability (distance to the lower neighbour) / gap, exactly (as many
-    random bits are added as bits are dropped); below the smallest positive value the
-    probability is resolved to 2**-24.
+    random bits are added as bits are dropped); below the smallest positive value it is exact
+    to 2**-32 (see :func:`_tiny_threshold`).
     """
     p = params
     bits = _as_u32(x)
@@ -112,11 +114,7 @@ def round_float32(
     if rounding == "nearest":
         up = a > _U32(p.tiny_mid)
     elif rounding == "stochastic":
-        low, high = _as_f32(_U32(p.tiny_low)), _as_f32(_U32(p.tiny_high))
-        gap = jnp.where(high > low, high - low, jnp.float32(1))
-        fraction = (_as_f32(a) - low) / gap
-        uniform = (random_bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
-        up = uniform < fraction
+        up = random_bits < _tiny_threshold(a, p)
     else:
         up = False
     tiny = jnp.where(up, _U32(p.tiny_high), _U32(p.tiny_low))
@@ -133,6 +131,101 @@ def round_float32(
         replacement = jnp.where(p.has_nan, _U32(_QUIET_NAN), _U32(p.tiny_low))
         out = jnp.where(invalid, replacement, out)
     return _as_f32(jnp.where(a > _INF, bits, out))
+
+
+def _significand(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(S, e)`` with ``|x| = S * 2**(e - 23)`` and ``S`` in ``[2**23, 2**24)`` (uint32, int32)
+    for nonzero finite magnitudes ``a`` (bits); float32 subnormals are normalised with ``clz``.
+    Zero gives ``S = 0``."""
+    field = (a >> 23).astype(jnp.int32)
+    lead = 31 - jax.lax.clz(a).astype(jnp.int32)  # leading bit of a subnormal pattern
+    normalise = jnp.clip(23 - lead, 0, 24).astype(_U32)
+    significand = jnp.where(field > 0, (a & _U32(0x7FFFFF)) | _U32(1 << 23), a << normalise)
+    exponent = jnp.where(field > 0, field - 127, -126 - normalise.astype(jnp.int32))
+    return significand, exponent
+
+
+def _tiny_threshold(a: jax.Array, p: FormatParams) -> jax.Array:
+    """The stochastic-rounding threshold below ``tiny_limit``: round up when 32 random bits are
+    below it, so with probability ``T / 2**32`` for the fraction ``(|x| - low) / (high - low)``.
+
+    The two candidates are ``low = L * g`` and ``high = (L + 1) * g`` with ``g = 2**G`` a power of
+    two (``L = 0`` with a zero: 0 and the quantum; ``L = 1`` without: the two lowest powers of
+    two). With ``|x| = S * 2**(e - 23)`` the fraction is ``D / 2**n`` for the integers
+    ``D = S - L * 2**(G - e + 23)`` and ``n = G - e + 23``, so ``T = D * 2**(32 - n)`` is exact
+    when ``n <= 32``; beyond, ``T`` is ``D / 2**(n - 32)`` rounded up (a bias below 2**-32 of
+    the gap). Everything is integer arithmetic, so a device that flushes float32 subnormals
+    still rounds up as often as it should; ``D < 0`` (below ``low``) never rounds up.
+    """
+    significand, exponent = _significand(a)
+    low_is_zero = jnp.asarray(p.tiny_low, _U32) == 0
+    gap_exponent = _exponent_of(jnp.asarray(p.tiny_high, _U32)) - jnp.where(low_is_zero, 0, 1)
+    n = gap_exponent - exponent + 23
+    low = jnp.where(low_is_zero, 0, jnp.left_shift(1, jnp.clip(n, 0, 30)))
+    d = significand.astype(jnp.int32) - low
+    d = jnp.maximum(d, 0).astype(_U32)
+    up_shift = jnp.clip(32 - n, 0, 31).astype(_U32)
+    down_shift = jnp.clip(n - 32, 0, 31).astype(_U32)
+    exact = d << up_shift
+    rounded_up = (d >> down_shift) + ((d & ((_U32(1) << down_shift) - 1)) != 0).astype(_U32)
+    return jnp.where(n <= 32, exact, rounded_up)
+
+
+def scale_float32(
+    x: jax.Array,
+    factor: jax.Array | None,
+    exponent: jax.Array,
+    overflow: int = _INF,
+) -> jax.Array:
+    """``x * factor * 2**exponent`` rounded once to float32 (ties to even, gradual underflow),
+    without a float operation on a subnormal, so FTZ / DAZ devices give the same bits.
+
+    ``factor`` is a positive float32 in ``[0.5, 2)`` or None (1); both it and the int32
+    ``exponent`` broadcast against ``x``. Write ``|x| = S * 2**(e - 23)`` (:func:`_significand`,
+    subnormal inputs normalised) and ``s`` for ``S * 2**-23`` in ``[1, 2)``: then ``p = s *
+    factor`` is a float product of normal numbers in ``[0.5, 4)``, correctly rounded to
+    ``p = P * 2**(q - 23)`` (``P`` its 24-bit significand), and the result is ``p * 2**E`` with
+    ``E = e + q + exponent``. For ``E >= -126`` that is a change of the exponent field, exact. For
+    ``E < -126`` the result is a float32 subnormal, ``P`` shifted right by ``-126 - E`` bits and
+    rounded; to round the *exact* product once (not ``p``, already rounded), the sign of the
+    error ``S * F - P * 2**t`` (``F`` the factor's significand, ``t`` the offset of the two
+    scales) breaks the ties: it is exact in uint32 arithmetic modulo 2**32 because it is at
+    most ``2**24`` in magnitude. Above float32's range the magnitude becomes the bit pattern
+    ``overflow`` (inf by default). Zero, inf and NaN pass through; the sign is kept.
+    """
+    bits = _as_u32(x)
+    a = bits & _U32(_ABS)
+    significand, e = _significand(a)
+    if factor is None:
+        p_sig, q, err = significand, jnp.int32(0), jnp.int32(0)
+    else:
+        factor_bits = _as_u32(jnp.asarray(factor, jnp.float32))
+        s = _as_f32((significand & _U32(0x7FFFFF)) | _U32(127 << 23))
+        p_bits = _as_u32(s * jnp.asarray(factor, jnp.float32))
+        q = (p_bits >> 23).astype(jnp.int32) - 127
+        p_sig = (p_bits & _U32(0x7FFFFF)) | _U32(1 << 23)
+        factor_sig = (factor_bits & _U32(0x7FFFFF)) | _U32(1 << 23)
+        t = (q - ((factor_bits >> 23).astype(jnp.int32) - 127) + 23).astype(_U32)
+        err = jax.lax.bitcast_convert_type(significand * factor_sig - (p_sig << t), jnp.int32)
+    biased = e + q + jnp.asarray(exponent, jnp.int32) + 127
+    normal = (jnp.clip(biased, 1, 254).astype(_U32) << 23) | (p_sig & _U32(0x7FFFFF))
+    shift = jnp.clip(1 - biased, 1, 25).astype(_U32)
+    kept = p_sig >> shift
+    rest = p_sig & ((_U32(1) << shift) - 1)
+    half = _U32(1) << (shift - 1)
+    tie_up = (err > 0) | ((err == 0) & ((kept & 1) == 1))
+    subnormal = kept + ((rest > half) | ((rest == half) & tie_up)).astype(_U32)
+    out = jnp.where(biased >= 1, normal, subnormal)
+    out = jnp.where(biased > 254, _U32(overflow), out)
+    out = jnp.where((a == 0) | (a >= _INF), a, out)
+    return _as_f32(out | (bits & _U32(_SIGN)))
+
+
+def split_scale(scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(k, m)`` with ``scale = m * 2**k``, ``m`` in ``[1, 2)`` (float32) and ``k`` int32, read
+    from the bits (subnormal scales included). Not meaningful for scales <= 0, inf or NaN."""
+    significand, exponent = _significand(_as_u32(jnp.asarray(scale, jnp.float32)) & _U32(_ABS))
+    return exponent, _as_f32((significand & _U32(0x7FFFFF)) | _U32(127 << 23))
 
 
 def _exponent_of(a: jax.Array) -> jax.Array:

@@ -8,6 +8,22 @@ ml_dtypes), so the forward pass is exact; the backward pass is the straight-thro
 ``fmt`` may be a :class:`FloatFormat` (static: everything format-specific folds into constants)
 or a :class:`FormatParams` of arrays (traced: one compiled program serves every format, and
 ``vmap`` can run over a stack of formats).
+
+The scale, without float arithmetic on subnormals. Devices flush float32 subnormals in float
+multiplies (XLA:CPU does, GPUs do in fast modes), which would turn ``1e-40 / 3`` into 0 and E8M0's
+code 0, ``2**-127``, into 0. So a scale is split from its bits as ``scale = m * 2**k`` with
+``m`` in ``[1, 2)`` (:func:`altgrad_jax.bits.split_scale`), and both multiplies go through
+:func:`altgrad_jax.bits.scale_float32`, which multiplies normalised significands (normal floats
+only) and applies ``2**k`` on the exponent field in integers, rounding into float32's subnormal
+range exactly once:
+
+* forward ``y = x * (1 / scale)`` is ``x * r * 2**-k`` with ``r = 1 / m`` rounded to float32,
+  rounded once: bit for bit IEEE float32 ``x * (1 / scale)`` with gradual underflow whenever
+  ``1 / scale`` is a float32 normal (every scale up to ``2**126``). For a power of two
+  ``r = 1`` and it is exact (integer arithmetic only for concrete scales); a ``y`` beyond
+  float32's range becomes float32's largest finite value, so a finite ``x`` saturates to
+  ``max_value`` instead of reaching inf through the scale;
+* back, ``q * scale = q * m * 2**k`` rounded once, which is IEEE float32 ``q * scale`` exactly.
 """
 
 from __future__ import annotations
@@ -17,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from altgrad_jax._checks import check_choice
-from altgrad_jax.bits import ROUNDING_MODES, Rounding, round_float32
+from altgrad_jax.bits import ROUNDING_MODES, Rounding, round_float32, scale_float32, split_scale
 from altgrad_jax.blocks import quantize_blocks
 from altgrad_jax.formats import (
     BlockFormat,
@@ -32,6 +48,7 @@ __all__ = ["quantize", "random_bits"]
 
 # The input dtypes quantize computes exactly: each widens to float32 without rounding.
 _EXACT_INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_F32_MAX_BITS = 0x7F7FFFFF
 
 
 def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -77,14 +94,51 @@ def _clipped_straight_through_jvp(primals, tangents):
     return quantized, jnp.where(inside, x_dot, jnp.zeros_like(x_dot))
 
 
-def _check_scale(scale) -> None:
-    """Raises for a concrete scale that is not positive and finite (traced scales pass)."""
+_F32_MIN_NORMAL = 2.0**-126
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_scale(scale, x_shape: tuple[int, ...]) -> np.ndarray | None:
+    """Checks a scale against ``x``; returns it as float32 NumPy when concrete (else None).
+
+    A scale must broadcast *to* ``x``'s shape (it may not grow the result). A concrete scale is
+    checked as it will be used, in float32: positive, finite and normal (2**-126 to float32's
+    max). A value that float32 turns into 0, a subnormal or inf (``1e-50``, ``1e-45``, ``1e39``)
+    would otherwise silently give zeros or NaN.
+    """
+    shape = np.shape(scale)
+    try:
+        fits = np.broadcast_shapes(shape, x_shape) == tuple(x_shape)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"scale of shape {shape} does not broadcast to x's shape {tuple(x_shape)}; a scale "
+            f"must be a scalar or have a shape that broadcasts to x's (it never grows x)"
+        )
     if isinstance(scale, jax.core.Tracer):
-        return
+        return None
     values = np.asarray(scale, dtype=np.float64)
-    if values.size and not (np.all(values > 0) and np.all(np.isfinite(values))):
-        bad = values[~((values > 0) & np.isfinite(values))].ravel()[0]
-        raise ValueError(f"scale must be positive and finite, got {bad}")
+    with np.errstate(over="ignore", under="ignore"):
+        as_f32 = values.astype(np.float32)
+    good = (as_f32 >= _F32_MIN_NORMAL) & (as_f32 <= _F32_MAX)  # False for NaN
+    if not np.all(good):
+        bad = values[~good].ravel()[0]
+        raise ValueError(
+            f"scale must be positive, finite and a normal float32 (2**-126 <= scale <= "
+            f"{_F32_MAX:.6g}); got {float(bad)!r}, which is {float(as_f32[~good].ravel()[0])!r} "
+            f"in float32"
+        )
+    return as_f32
+
+
+def _scale_parts(scale, concrete: np.ndarray | None):
+    """``(k, 1 / m, m)`` for ``scale = m * 2**k`` (``m`` in [1, 2)); the factors are None when
+    the scale is a concrete power of two, so that path is integer arithmetic only."""
+    k, m = split_scale(scale if concrete is None else concrete)
+    if concrete is not None and np.all((concrete.view(np.uint32) & 0x7FFFFF) == 0):
+        return k, None, None
+    return k, 1 / m, m
 
 
 def _check_input(x: jax.Array, fmt: FloatFormat | None) -> None:
@@ -126,14 +180,18 @@ def quantize(
     ``axis`` (default: the last axis, or the last two for 2-D tiles), see
     :mod:`altgrad_jax.blocks`; ``scale`` must then stay 1.
 
-    ``x / scale`` is computed as ``x * (1 / scale)`` in float32, which is what XLA compiles the
-    division by a scalar to anyway; it is exact for power-of-two scales.
+    ``x / scale`` is computed as ``x * (1 / scale)`` in float32 (what XLA compiles a division by
+    a scalar to anyway), exactly as IEEE arithmetic with gradual underflow rounds it, whatever
+    the device does with subnormals (see the module docstring); it is exact for power-of-two
+    scales.
 
     Args:
       x: float32, bfloat16 or float16 array (the smaller dtypes widen to float32 exactly).
       fmt: a format, its name, or :class:`FormatParams` arrays for a traced format.
-      scale: positive scale, a scalar or anything that broadcasts against ``x``; no gradient
-        flows into it. Concrete scales are checked (positive, finite) at trace time.
+      scale: positive scale, a scalar or an array that broadcasts *to* ``x``'s shape (checked at
+        trace time); no gradient flows into it. Concrete scales must be positive, finite and
+        normal in float32 (``ValueError`` otherwise); a traced scale that is not positive and
+        finite gives NaN (a traced subnormal scale, such as E8M0's ``2**-127``, is exact).
       rounding: "nearest" (ties to the even code), "stochastic" (unbiased, needs ``key``) or
         "toward_zero".
       key: PRNG key for stochastic rounding; the same key gives the same result.
@@ -155,16 +213,25 @@ def quantize(
     params = as_params(fmt)
     static_fmt = None if isinstance(fmt, FormatParams) else get_format(fmt)
     _check_input(x, static_fmt)
-    _check_scale(scale)
+    concrete_scale = _check_scale(scale, x.shape)
     unit_scale = isinstance(scale, (int, float)) and scale == 1
 
     x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
-    # XLA compiles a division by a broadcast scalar into a multiplication by its reciprocal;
-    # doing so explicitly gives the same bits eagerly, under jit, and for traced formats.
-    scaled = x32 if unit_scale else x32 * (1 / jnp.asarray(scale, jnp.float32))
+    if unit_scale:
+        scaled = x32
+    else:
+        k, inverse, factor = _scale_parts(scale, concrete_scale)
+        scaled = scale_float32(x32, inverse, -k, overflow=_F32_MAX_BITS)
     noise = random_bits(key, scaled.shape) if rounding == "stochastic" else None
     rounded = round_float32(scaled, params, rounding, noise)
-    back = rounded if unit_scale else rounded * jnp.asarray(scale, jnp.float32)
+    if unit_scale:
+        back = rounded
+    else:
+        back = scale_float32(rounded, factor, k)
+        if concrete_scale is None:  # a traced scale that is not positive and finite: NaN
+            bits = jax.lax.bitcast_convert_type(jnp.asarray(scale, jnp.float32), jnp.int32)
+            valid = (bits > 0) & (bits < 0x7F800000)  # integers: a subnormal scale is valid
+            back = jnp.where(valid, back, jnp.float32(jnp.nan))
     quantized = back.astype(x.dtype)
     if not clip_gradient:
         return _straight_through(x, quantized)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -297,3 +298,100 @@ def test_works_under_vmap_and_scan():
     for x in xs:
         expected = expected + ag.quantize(x, ag.E5M2)
     np.testing.assert_array_equal(total, expected)
+
+
+# ------------------------------------------------ subnormal intermediates (FTZ / DAZ devices)
+def _ieee_reference(x, fmt, scale):
+    """round_fmt(x * (1 / scale)) * scale in NumPy float32 (IEEE, gradual underflow), rounding
+    by enumeration of the grid."""
+    x, scale = np.float32(x), np.float32(scale)
+    y = x * (np.float32(1) / scale)
+    return reference_round(y, fmt) * scale
+
+
+@pytest.mark.parametrize("scale", [3.0, 0.75, 1.0, 2.0**-20, 2.0**20, 5.5e3, 2.0**-120])
+@pytest.mark.parametrize("fmt", [ag.E8M0, ag.BF16, ag.E5M2, ag.E4M3, ag.E2M1], ids=lambda f: f.name)
+def test_scaled_path_is_exact_on_subnormal_intermediates(fmt, scale):
+    rng = np.random.default_rng(1)
+    x = (2.0 ** rng.uniform(-149, -100, 3000)).astype(np.float32)
+    x = x if not fmt.signed else x * rng.choice([-1, 1], x.size).astype(np.float32)
+    with np.errstate(over="ignore"):
+        expected = _ieee_reference(x, fmt, scale)
+    y = np.float32(x) * (np.float32(1) / np.float32(scale))
+    ok = np.isfinite(y) & ((y != 0) | fmt.has_zero)  # E8M0 has no zero: NaN, not 2**-127
+    eager = ag.quantize(x, fmt, scale)
+    traced = jax.jit(lambda x, s: ag.quantize(x, fmt, s))(x, jnp.float32(scale))
+    np.testing.assert_array_equal(f32_bits(eager)[ok], f32_bits(expected)[ok])
+    np.testing.assert_array_equal(f32_bits(traced), f32_bits(eager))
+
+
+def test_issue_reproducers_for_subnormals():
+    tiny = np.float32(1e-40)
+    assert float(ag.quantize(tiny, "E8M0", 3.0)) == np.float32(2.0**-127) * np.float32(3.0)
+    assert f32_bits(ag.quantize(tiny, "E8M0", jnp.float32(1.0))) == f32_bits(2.0**-127)
+    assert f32_bits(ag.quantize(tiny, "E8M0", 1.0)) == f32_bits(2.0**-127)
+    x = jnp.asarray(9.18e-40, jnp.bfloat16)
+    expected = _ieee_reference(np.float32(x.astype(jnp.float32)), ag.E5M2, 2.0**-120)
+    out = ag.quantize(x, "E5M2", 2.0**-120)
+    assert out.dtype == jnp.bfloat16 and float(out) == float(expected) and float(out) > 0
+
+
+@pytest.mark.parametrize("fmt", [ag.E4M3, ag.E2M1, ag.BF16], ids=lambda f: f.name)
+def test_subnormal_traced_scale_is_exact(fmt):
+    """E8M0 code 0, 2**-127, is itself a float32 subnormal: block scales use it."""
+    grid = ag.grid(fmt)
+    grid = grid[np.abs(grid) <= 2.0**20].astype(np.float32)
+    for k in (-127, -133, -140):
+        x = (grid.astype(np.float64) * 2.0**k).astype(np.float32)
+        exact = x.astype(np.float64) == grid.astype(np.float64) * 2.0**k
+        out = jax.jit(lambda x, s: ag.quantize(x, fmt, s))(x, jnp.float32(2.0**k))
+        np.testing.assert_array_equal(f32_bits(out)[exact], f32_bits(x)[exact])
+
+
+@pytest.mark.parametrize(
+    ("fmt", "value", "scale"),
+    [
+        (ag.BF16, 0.3 * 2.0**-133, 1.0),  # below BF16's smallest subnormal, a float32 subnormal
+        (ag.BF16, 1.7 * 2.0**-146, 1.0),  # probability 2**-12: beyond 32 fraction bits
+        (ag.E8M0, 1.3 * 2.0**-127, 1.0),  # E8M0's lowest binade, float32 subnormals
+        (ag.E8M0, 1.3 * 2.0**-127 * 3, 3.0),  # the same, reached through a scale
+        (ag.E4M3, 0.3 * 2.0**-9 * 2.0**-120, 2.0**-120),
+    ],
+)
+def test_stochastic_rounding_is_unbiased_on_subnormals(fmt, value, scale):
+    n = 200_000
+    x = jnp.full((n,), value, jnp.float32)
+    out = ag.quantize(x, fmt, scale, rounding="stochastic", key=jax.random.key(3))
+    y = np.float64(np.float32(value) * (np.float32(1) / np.float32(scale)))
+    lo, hi = _neighbours(y, fmt)
+    p = (y - lo) / (hi - lo)
+    got = np.asarray(out, np.float64) / scale
+    sigma = (hi - lo) * np.sqrt(p * (1 - p) / n)
+    assert abs(got.mean() - y) < 5 * sigma
+    assert set(np.unique(got)) == {lo, hi}
+
+
+def test_finite_overflow_through_a_scale_saturates():
+    out = ag.quantize(jnp.array([1e38, -1e38]), ag.E5M2, 1e-5)
+    np.testing.assert_array_equal(out, np.float32([57344, -57344]) * np.float32(1e-5))
+
+
+@pytest.mark.parametrize("scale", [1e-50, 1e-45, 1e39, 2.0**-127, -0.0, float("-inf")])
+def test_scale_checked_in_float32(scale):
+    with pytest.raises(ValueError, match=r"scale must be positive.*got " + re.escape(repr(scale))):
+        ag.quantize(jnp.ones(2), ag.E4M3, scale)
+
+
+def test_scale_must_broadcast_to_x():
+    with pytest.raises(ValueError, match=r"scale of shape \(3, 1\) does not broadcast to x's"):
+        ag.quantize(jnp.ones(3), ag.E4M3, jnp.ones((3, 1)))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        jax.jit(lambda x, s: ag.quantize(x, ag.E4M3, s))(jnp.ones(3), jnp.ones((2,)))
+    per_row = jnp.full((3, 1), 2.0)
+    g = jax.grad(lambda x: jnp.sum(ag.quantize(x, ag.E4M3, per_row)))(jnp.ones((3, 4)))
+    np.testing.assert_array_equal(g, jnp.ones((3, 4)))
+
+
+def test_invalid_traced_scale_gives_nan():
+    out = jax.jit(lambda s: ag.quantize(jnp.ones(2), ag.E4M3, s))(jnp.array([0.0, jnp.inf]))
+    assert np.all(np.isnan(out))
