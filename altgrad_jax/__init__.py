@@ -9,6 +9,7 @@ live in :mod:`altgrad_jax.linen` / :mod:`altgrad_jax.nnx`, the optax transforms 
 from altgrad_jax.bits import ROUNDING_MODES, from_bits, round_float32, to_bits, ulp
 from altgrad_jax.blocks import block_amax, block_scales
 from altgrad_jax.formats import (
+    ANY_FORMAT,
     BF16,
     BLOCK_FORMATS,
     E0M7,
@@ -36,6 +37,7 @@ from altgrad_jax.formats import (
     SCALE_RULES,
     BlockFormat,
     FloatFormat,
+    FormatBounds,
     FormatLike,
     FormatParams,
     as_params,
@@ -61,6 +63,7 @@ from altgrad_jax.stall import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ANY_FORMAT",
     "BF16",
     "BLOCK_FORMATS",
     "E0M7",
@@ -92,6 +95,7 @@ __all__ = [
     "BlockFormat",
     "ExactCount",
     "FloatFormat",
+    "FormatBounds",
     "FormatLike",
     "FormatParams",
     "FormatSpec",

@@ -29,14 +29,19 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 
+from altgrad_jax._checks import check_bool, check_str
+from altgrad_jax._pytree import pytree_dataclass, static_field
+
 if TYPE_CHECKING:
     import jax
 
 __all__ = [
+    "ANY_FORMAT",
     "BLOCK_FORMATS",
     "SCALE_RULES",
     "BlockFormat",
     "FloatFormat",
+    "FormatBounds",
     "FormatLike",
     "FormatParams",
     "as_params",
@@ -46,6 +51,7 @@ __all__ = [
     "grid",
     "list_formats",
     "register_format",
+    "stack_format_params",
 ]
 
 _F32_MANTISSA_BITS = 23
@@ -89,6 +95,9 @@ class FloatFormat:
     has_zero: bool = True
 
     def __post_init__(self) -> None:
+        check_str("name", self.name)
+        for flag in ("has_inf", "has_nan", "signed", "has_zero"):
+            check_bool(flag, getattr(self, flag))
         for field in ("exponent_bits", "mantissa_bits", "bias"):
             value = getattr(self, field)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
@@ -402,14 +411,66 @@ def format_table(formats: tuple[FloatFormat | BlockFormat | str, ...] | None = N
 
 
 # ----------------------------------------------------------------------- kernel constants
-class FormatParams(NamedTuple):
+class FormatBounds(NamedTuple):
+    """Static extremes of the format (or formats) a :class:`FormatParams` may hold.
+
+    Traced parameters have unknown values at trace time, yet ``quantize`` must still refuse an
+    input dtype that cannot hold the format's values (a bfloat16 input cannot hold FP16's 65504
+    and would round it to 65536). These bounds travel as static pytree metadata, so the check
+    is made at trace time for traced formats too. They are part of ``jit``'s cache key: programs
+    are shared by parameters with equal bounds.
+    """
+
+    mantissa_bits: int  # the largest M
+    max_value: float  # the largest max_value
+    min_subnormal: float  # the smallest positive value
+
+    def widen(self, other: FormatBounds) -> FormatBounds:
+        """Bounds covering both ``self`` and ``other``."""
+        return FormatBounds(
+            max(self.mantissa_bits, other.mantissa_bits),
+            max(self.max_value, other.max_value),
+            min(self.min_subnormal, other.min_subnormal),
+        )
+
+    def fits(self, mantissa_bits: int, max_value: float, smallest_subnormal: float) -> bool:
+        """Whether every value of every covered format lies on a dtype with these limits."""
+        return (
+            self.mantissa_bits <= mantissa_bits
+            and self.max_value <= max_value
+            and self.min_subnormal >= smallest_subnormal
+        )
+
+
+ANY_FORMAT = FormatBounds(_F32_MANTISSA_BITS, float(np.finfo(np.float32).max), 2.0**-149)
+"""The bounds of parameters that may hold any format: they fit float32 inputs only."""
+
+
+_INT_FIELDS = (
+    "mantissa_bits",
+    "min_normal_field",
+    "max_bits",
+    "tiny_limit",
+    "tiny_mid",
+    "tiny_low",
+    "tiny_high",
+)
+_BOOL_FIELDS = ("signed", "has_inf", "has_nan", "has_zero")
+
+
+@pytree_dataclass
+class FormatParams:
     """The numbers the rounding kernel needs, derived from a format.
 
     With Python ints (``format_params(fmt)``) every branch folds away at trace time. As arrays
     (``format_params(fmt).as_arrays()`` or :func:`stack_format_params`) the format becomes a traced
     value, so one compiled program serves many formats and ``vmap`` can run over formats.
 
-    All ``*_bits`` are float32 bit patterns of magnitudes.
+    All ``*_bits`` are float32 bit patterns of magnitudes. ``bounds`` (:class:`FormatBounds`) is
+    static metadata, part of the treedef and so of ``jit``'s cache key: the format's own for
+    ``format_params``, "any format" for ``as_arrays()`` (one program for every format, float32
+    inputs), a family's for ``as_arrays(within=...)`` and :func:`stack_format_params`. A
+    registered pytree (a frozen dataclass), so ``jit``, ``vmap`` and ``lax.scan`` take it.
     """
 
     mantissa_bits: int | jax.Array  # M
@@ -423,6 +484,7 @@ class FormatParams(NamedTuple):
     has_inf: bool | jax.Array
     has_nan: bool | jax.Array
     has_zero: bool | jax.Array
+    bounds: FormatBounds | None = static_field(default=None)
 
     @property
     def max_value(self) -> jax.Array:
@@ -432,13 +494,28 @@ class FormatParams(NamedTuple):
 
         return jax.lax.bitcast_convert_type(jnp.asarray(self.max_bits, jnp.uint32), jnp.float32)
 
-    def as_arrays(self) -> FormatParams:
-        """The same numbers as JAX arrays (uint32 and bool), for traced formats."""
+    def as_arrays(self, within: tuple[FormatLike, ...] | None = None) -> FormatParams:
+        """The same numbers as JAX arrays (uint32 and bool), for traced formats.
+
+        Args:
+          within: None (the default): the arrays may stand for any format (bounds
+            :data:`ANY_FORMAT`), so every such parameter set shares one compiled program, and
+            quantize accepts only float32 input with it. A tuple of formats: the bounds cover
+            this format and those, so bfloat16 / float16 inputs are accepted when all of them
+            fit (``within=()``: this format alone); programs are shared by equal ``within``.
+        """
         import jax.numpy as jnp
 
+        if within is None:
+            bounds = ANY_FORMAT
+        else:
+            bounds = self.bounds if self.bounds is not None else ANY_FORMAT
+            for other in within:
+                bounds = bounds.widen(as_params(other).bounds or ANY_FORMAT)
         return FormatParams(
-            *(jnp.asarray(v, jnp.uint32) for v in self[:7]),
-            *(jnp.asarray(v, jnp.bool_) for v in self[7:]),
+            **{f: jnp.asarray(getattr(self, f), jnp.uint32) for f in _INT_FIELDS},
+            **{f: jnp.asarray(getattr(self, f), jnp.bool_) for f in _BOOL_FIELDS},
+            bounds=bounds,
         )
 
 
@@ -476,6 +553,7 @@ def format_params(fmt: FloatFormat) -> FormatParams:
         has_inf=fmt.has_inf,
         has_nan=fmt.has_nan,
         has_zero=fmt.has_zero,
+        bounds=FormatBounds(m, fmt.max_value, fmt.min_subnormal),
     )
 
 
@@ -492,11 +570,16 @@ def as_params(fmt: FormatLike) -> FormatParams:
 
 
 def stack_format_params(formats: tuple[FloatFormat | str, ...]) -> FormatParams:
-    """Kernel constants of several formats stacked on a leading axis, for ``vmap``."""
+    """Kernel constants of several formats stacked on a leading axis, for ``vmap``; the bounds
+    cover all of them."""
     import jax.numpy as jnp
 
-    per_format = [format_params(get_format(f)).as_arrays() for f in formats]
-    return FormatParams(*(jnp.stack(field) for field in zip(*per_format, strict=True)))
+    formats = tuple(formats)
+    per_format = [format_params(get_format(f)).as_arrays(within=formats) for f in formats]
+    fields = {
+        f: jnp.stack([getattr(p, f) for p in per_format]) for f in (*_INT_FIELDS, *_BOOL_FIELDS)
+    }
+    return FormatParams(**fields, bounds=per_format[0].bounds)
 
 
 # ------------------------------------------------------------------------- block formats

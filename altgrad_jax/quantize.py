@@ -36,8 +36,8 @@ from altgrad_jax._checks import check_choice
 from altgrad_jax.bits import ROUNDING_MODES, Rounding, round_float32, scale_float32, split_scale
 from altgrad_jax.blocks import quantize_blocks
 from altgrad_jax.formats import (
+    ANY_FORMAT,
     BlockFormat,
-    FloatFormat,
     FormatLike,
     FormatParams,
     as_params,
@@ -141,7 +141,9 @@ def _scale_parts(scale, concrete: np.ndarray | None):
     return k, 1 / m, m
 
 
-def _check_input(x: jax.Array, fmt: FloatFormat | None) -> None:
+def _check_input(x: jax.Array, params: FormatParams, name: str | None) -> None:
+    """Raises unless ``x`` is float32, or a smaller float dtype holding every value of the
+    format (for traced formats, ``name`` None: of every format its static bounds cover)."""
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"quantize takes floating-point input, got dtype {x.dtype}")
     if x.dtype not in _EXACT_INPUT_DTYPES:
@@ -149,19 +151,26 @@ def _check_input(x: jax.Array, fmt: FloatFormat | None) -> None:
             f"quantize computes in float32 and supports float32, bfloat16 and float16 input; "
             f"got {x.dtype} (cast it first)"
         )
-    if fmt is None or x.dtype == jnp.float32:
+    if x.dtype == jnp.float32 or params.bounds is None:
         return
     info = jnp.finfo(x.dtype)
-    fits = (
-        fmt.mantissa_bits <= info.nmant
-        and fmt.max_value <= float(info.max)
-        and fmt.min_subnormal >= float(info.smallest_subnormal)
-    )
-    if not fits:
+    if params.bounds.fits(info.nmant, float(info.max), float(info.smallest_subnormal)):
+        return
+    if name is not None:
         raise ValueError(
-            f"{fmt.name} values are not all representable in {x.dtype}, so the result would be "
+            f"{name} values are not all representable in {x.dtype}, so the result would be "
             f"rounded again; quantize a float32 copy instead"
         )
+    if params.bounds == ANY_FORMAT:
+        raise ValueError(
+            f"traced FormatParams from as_arrays() may hold any format, so they take float32 "
+            f"input only, not {x.dtype}; name the formats they may hold with "
+            f"format_params(fmt).as_arrays(within=(...)) or quantize a float32 copy"
+        )
+    raise ValueError(
+        f"the traced format's bounds {params.bounds} do not fit {x.dtype} (some value of a "
+        f"format they cover is not representable in it); quantize a float32 copy instead"
+    )
 
 
 def quantize(
@@ -211,8 +220,7 @@ def quantize(
     if axis is not None:
         raise ValueError(f"axis={axis!r} is for block formats; {fmt!r} scales the whole tensor")
     params = as_params(fmt)
-    static_fmt = None if isinstance(fmt, FormatParams) else get_format(fmt)
-    _check_input(x, static_fmt)
+    _check_input(x, params, None if isinstance(fmt, FormatParams) else get_format(fmt).name)
     concrete_scale = _check_scale(scale, x.shape)
     unit_scale = isinstance(scale, (int, float)) and scale == 1
 
@@ -243,7 +251,7 @@ def _quantize_blocked(x, fmt: BlockFormat, scale, rounding, key, axis) -> jax.Ar
         raise ValueError(
             f"{fmt.name} takes its scales from its blocks; do not pass scale={scale!r}"
         )
-    _check_input(x, fmt.element)
+    _check_input(x, as_params(fmt.element), fmt.element.name)
     x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
     noise = random_bits(key, x32.shape) if rounding == "stochastic" else None
     quantized = quantize_blocks(x32, fmt, axis, rounding, noise).astype(x.dtype)

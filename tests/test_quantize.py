@@ -395,3 +395,35 @@ def test_scale_must_broadcast_to_x():
 def test_invalid_traced_scale_gives_nan():
     out = jax.jit(lambda s: ag.quantize(jnp.ones(2), ag.E4M3, s))(jnp.array([0.0, jnp.inf]))
     assert np.all(np.isnan(out))
+
+
+# ------------------------------------------------------------ traced formats: the dtype check
+def test_traced_format_gets_the_input_dtype_check():
+    x = jnp.full(2, 65504.0, jnp.bfloat16)
+    for params in (
+        ag.format_params(ag.FP16).as_arrays(),  # may hold any format
+        ag.format_params(ag.FP16).as_arrays(within=()),  # FP16 itself
+        ag.stack_format_params((ag.E4M3, ag.FP16)),
+    ):
+        with pytest.raises(ValueError, match="bfloat16"):
+            jax.jit(ag.quantize)(x, params)
+    fits = ag.format_params(ag.E4M3).as_arrays(within=(ag.E5M2,))
+    out = jax.jit(ag.quantize)(jnp.full(2, 3.3, jnp.bfloat16), fits)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), [3.25, 3.25])
+    assert out.dtype == jnp.bfloat16
+
+
+def test_format_params_bounds_are_static_and_shared_by_within():
+    own = ag.format_params(ag.E5M2).as_arrays(within=())
+    assert own.bounds == ag.FormatBounds(2, 57344.0, 2.0**-16)
+    family = (ag.E4M3, ag.E5M2)
+    a = ag.format_params(ag.E4M3).as_arrays(within=family)
+    b = ag.format_params(ag.E5M2).as_arrays(within=family)
+    assert a.bounds == b.bounds == ag.FormatBounds(3, 57344.0, 2.0**-16)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    assert ag.format_params(ag.E4M3).as_arrays().bounds == ag.ANY_FORMAT
+    assert a.mantissa_bits.dtype == jnp.uint32 and float(a.max_value) == 448.0
+    scanned = jax.lax.scan(
+        lambda c, p: (c, ag.quantize(jnp.float32(3.3), p)), 0, ag.stack_format_params(family)
+    )[1]
+    np.testing.assert_array_equal(scanned, [3.25, 3.5])
