@@ -86,21 +86,24 @@ def round_float32(
     p = params
     bits = _as_u32(x)
     a = bits & _U32(_ABS)
-    # Frame: the normal frame's start, or x's own binade when x lies below it (see module doc).
-    field = a >> 23
-    if not (isinstance(p.tiny_limit, int) and p.tiny_limit > 0x7FFFFF):
-        field = jnp.maximum(field, _U32(1))  # float32 subnormals share binade 1's frame
-    frame = jnp.minimum(field, _U32(p.min_normal_field))
-    base = (frame - 1) << 23
-    shift_at_frame_start = _U32(23) - _U32(p.mantissa_bits) + _U32(p.min_normal_field)
-    shift = jnp.minimum(shift_at_frame_start - frame, _U32(23))
-    v = a - base
-    mask = (_U32(1) << shift) - 1
-    if rounding == "nearest":
-        # Half minus one, plus one more when the kept part is odd: ties go to the even code.
+    if isinstance(p.min_normal_field, int) and p.min_normal_field <= 0:
+        base, shift, v, mask, odd = _frame_below_float32_normals(a, p)
+    else:
+        # Frame: the normal frame's start, or x's own binade below it (see module doc).
+        field = a >> 23
+        if not (isinstance(p.tiny_limit, int) and p.tiny_limit > 0x7FFFFF):
+            field = jnp.maximum(field, _U32(1))  # float32 subnormals share binade 1's frame
+        frame = jnp.minimum(field, _U32(p.min_normal_field))
+        base = (frame - 1) << 23
+        shift_at_frame_start = _U32(23) - _U32(p.mantissa_bits) + _U32(p.min_normal_field)
+        shift = jnp.minimum(shift_at_frame_start - frame, _U32(23))
+        v = a - base
+        mask = (_U32(1) << shift) - 1
         odd = (v >> shift) & 1
         if not (isinstance(p.mantissa_bits, int) and p.mantissa_bits < 23):
             odd = odd & mask  # shift 0 (M = 23): nothing to round
+    if rounding == "nearest":
+        # Half minus one, plus one more when the kept part is odd: ties go to the even code.
         increment = (mask >> 1) + odd
     elif rounding == "stochastic":
         increment = random_bits & mask
@@ -131,6 +134,53 @@ def round_float32(
         replacement = jnp.where(p.has_nan, _U32(_QUIET_NAN), _U32(p.tiny_low))
         out = jnp.where(invalid, replacement, out)
     return _as_f32(jnp.where(a > _INF, bits, out))
+
+
+def _frame_below_float32_normals(a: jax.Array, p: FormatParams):
+    """The rounding frame of a (static) format whose normal range starts below 2**-126.
+
+    Then ``min_normal_field = f0 <= 0``. A float32 normal ``x`` lies in the format's normal
+    range: the frame starts at ``f0`` and ``base = (f0 - 1) << 23`` wraps around in uint32, which
+    the final ``+ base`` undoes, so the normal frame formula holds unchanged. A float32
+    subnormal ``x`` has the bits ``a = |x| / 2**-149``, a *linear* coordinate: its virtual field
+    is ``f = floor(log2 a) - 22``, the format's quantum there is ``2**(max(f, f0) - 127 - M)``,
+    so the frame is ``base = 0`` with ``shift = max(f, f0) + 22 - M`` (>= 0, since the format's
+    smallest step is a float32 value). A carry out of a binade lands on its upper power of two,
+    a grid value. The parity of the kept part is the code's; for ``M = 0`` the code is the
+    exponent code ``f - f0 + 1``, whose parity the linear bits do not show.
+    """
+    m, f0 = p.mantissa_bits, p.min_normal_field
+    field = (a >> 23).astype(jnp.int32)
+    below = field == 0
+    virtual = 31 - jax.lax.clz(a).astype(jnp.int32) - 22
+    frame = jnp.minimum(field, f0)
+    base = jax.lax.bitcast_convert_type(jnp.where(below, 0, (frame - 1) << 23), _U32)
+    shift = jnp.where(below, jnp.maximum(virtual, f0) + 22 - m, 23 - m + f0 - frame)
+    shift = jnp.clip(shift, 0, 23).astype(_U32)
+    v = a - base
+    mask = (_U32(1) << shift) - 1
+    odd = (v >> shift) & 1 & mask
+    if m == 0:
+        odd = jnp.where(below, (virtual - f0 + 1).astype(_U32) & 1, odd)
+    return base, shift, v, mask, odd
+
+
+def _code_below_float32_normals(a: jax.Array, p: FormatParams) -> jax.Array:
+    """Magnitude codes of grid values ``a`` (bits) of a format whose normal range starts below
+    2**-126 (``f0 = min_normal_field <= 0``).
+
+    With ``|q| = S * 2**(e - 23)`` (:func:`_significand`) and the virtual field ``f = e + 127``:
+    in the normal range (``f >= f0``) the code is ``(f - f0 + 1) << M`` plus the top ``M`` bits
+    of the fraction; below it the code is ``|q|`` over the quantum ``2**(f0 - 127 - M)``, i.e.
+    ``S >> (f0 + 23 - M - f)``.
+    """
+    m, f0 = p.mantissa_bits, p.min_normal_field
+    significand, exponent = _significand(a)
+    virtual = exponent + 127
+    fraction = (significand & _U32(0x7FFFFF)) >> (23 - m)
+    normal_code = (jnp.maximum(virtual - f0 + 1, 0).astype(_U32) << m) | fraction
+    subnormal_code = significand >> jnp.clip(f0 + 23 - m - virtual, 0, 31).astype(_U32)
+    return jnp.where(virtual < f0, subnormal_code, normal_code)
 
 
 def _significand(a: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -265,14 +315,17 @@ def to_bits(x: jax.Array, fmt: FloatFormat | str) -> jax.Array:
     q = _as_u32(round_float32(x, p))
     a = q & _U32(_ABS)
     m, e = fmt.mantissa_bits, fmt.exponent_bits
-    field = a >> 23
-    binade = jnp.maximum(field, _U32(1))
-    below_normal = field < _U32(p.min_normal_field)
-    significand = (a & _U32(0x7FFFFF)) | jnp.where(field > 0, _U32(1 << 23), _U32(0))
-    shift = jnp.where(below_normal, _U32(23 - m) + _U32(p.min_normal_field) - binade, 0)
-    subnormal_code = significand >> jnp.minimum(shift, _U32(31))
-    normal_code = (a - _U32((p.min_normal_field - 1) << 23)) >> (23 - m)
-    code = jnp.where(below_normal, subnormal_code, normal_code)
+    if p.min_normal_field <= 0:
+        code = _code_below_float32_normals(a, p)
+    else:
+        field = a >> 23
+        binade = jnp.maximum(field, _U32(1))
+        below_normal = field < _U32(p.min_normal_field)
+        significand = (a & _U32(0x7FFFFF)) | jnp.where(field > 0, _U32(1 << 23), _U32(0))
+        shift = jnp.where(below_normal, _U32(23 - m) + _U32(p.min_normal_field) - binade, 0)
+        subnormal_code = significand >> jnp.minimum(shift, _U32(31))
+        normal_code = (a - _U32((p.min_normal_field - 1) << 23)) >> (23 - m)
+        code = jnp.where(below_normal, subnormal_code, normal_code)
 
     magnitude_bits = e + m
     all_ones = (1 << magnitude_bits) - 1
@@ -306,7 +359,13 @@ def from_bits(codes: jax.Array, fmt: FloatFormat | str) -> jax.Array:
     exponent_code = magnitude >> m
     fraction = magnitude & _U32((1 << m) - 1)
 
-    normal = (magnitude << (23 - m)) + _U32((p.min_normal_field - 1) << 23)
+    normal = (magnitude << (23 - m)) + _U32(((p.min_normal_field - 1) << 23) & 0xFFFFFFFF)
+    if p.min_normal_field <= 0:
+        # Normal binades below 2**-126 are float32 subnormals: (2**M + fraction) shifted into
+        # place, by f + 22 - M for the binade's virtual field f (>= 0: every value is exact).
+        virtual = exponent_code.astype(jnp.int32) + p.min_normal_field - 1
+        low = (fraction | _U32(1 << m)) << jnp.clip(virtual + 22 - m, 0, 31).astype(_U32)
+        normal = jnp.where(virtual <= 0, low, normal)
     if not fmt.has_zero:
         normal = jnp.where(magnitude == 0, _U32(p.tiny_low), normal)
     # Subnormals (and all of fixed point): fraction * 2**(emin - M), normalised with clz.

@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 _F32_MANTISSA_BITS = 23
-_F32_MIN_NORMAL_EXP = -126
+_F32_SMALLEST = 2.0**-149
 _F32_MAX_EXP = 127
 
 
@@ -81,8 +81,10 @@ class FloatFormat:
       signed: whether a sign bit is present.
       has_zero: False turns exponent code 0 into a normal binade (exponent-only scale formats).
 
-    Every finite value must be exactly representable in float32; the constructor raises
-    ``ValueError`` saying why otherwise.
+    Every finite value must be exactly representable in float32 (the smallest positive value
+    at least 2**-149, the largest exponent at most 127; normal binades may lie among float32's
+    subnormals); the constructor raises ``ValueError`` saying why otherwise, and ``TypeError``
+    for a name that is not a string or a flag that is not a bool.
     """
 
     name: str
@@ -117,16 +119,13 @@ class FloatFormat:
             problem = "has_inf needs mantissa_bits >= 1 and has_nan=True (IEEE: top exponent codes)"
         elif not self.has_zero and (m != 0 or e == 0 or self.has_inf):
             problem = "has_zero=False is for exponent-only formats (mantissa_bits=0, no inf)"
-        elif not self.has_zero and self.bias > 127:
-            problem = (
-                f"bias={self.bias}: the smallest value 2**-{self.bias} is below float32's range"
-            )
         elif self.max_code <= 0 or self.max_value <= 0:
             problem = "the special codes leave no positive finite value"
-        elif self._emin < _F32_MIN_NORMAL_EXP and self.has_zero:
+        elif self.smallest_positive < _F32_SMALLEST:
+            lowest = math.frexp(self.smallest_positive)[1] - 1
             problem = (
-                f"bias={self.bias} puts the smallest normal exponent at {self._emin}, "
-                "below float32's -126, so its subnormals would not be exact in float32"
+                f"bias={self.bias} puts the smallest positive value at 2**{lowest}, below "
+                "float32's smallest subnormal 2**-149, so it would not be exact in float32"
             )
         elif self.emax > _F32_MAX_EXP:
             problem = (
@@ -506,6 +505,11 @@ class FormatParams:
         """
         import jax.numpy as jnp
 
+        if isinstance(self.min_normal_field, int) and self.min_normal_field <= 0:
+            raise ValueError(
+                "a format whose normal range starts below 2**-126 (float32's subnormals) is "
+                "rounded by a kernel branch chosen at trace time; pass it as a static format"
+            )
         if within is None:
             bounds = ANY_FORMAT
         else:
@@ -540,7 +544,8 @@ def format_params(fmt: FloatFormat) -> FormatParams:
         low = math.ldexp(1.0, emin)
         tiny_low = _f32_bits(low)
         tiny_limit = tiny_high = _f32_bits(2 * low)
-        tiny_mid = _f32_bits(1.5 * low)
+        # 1.5 * 2**-149 is no float32: then no float32 lies strictly between, low is the tie.
+        tiny_mid = _f32_bits(1.5 * low) if low > _F32_SMALLEST else tiny_low
     return FormatParams(
         mantissa_bits=m,
         min_normal_field=min_normal_field,

@@ -20,6 +20,19 @@ ML_DTYPES = {
 # Formats only the slow reference can check.
 REFERENCE_ONLY = ("E0M7", "E1M6", "E2M5", "E3M4", "E6M1", "E7M0")
 SMALL_FORMATS = (*ag.EIGHT_BIT_FORMATS, ag.E2M1, ag.E2M3, ag.E3M2, ag.E8M0)
+# Formats whose normal range (or whole grid) starts among float32's subnormals: every value is
+# exact in float32, and the kernel takes its branch for frames below 2**-126.
+LOW_FORMATS = (
+    ag.FloatFormat("E2M1_B128", 2, 1, 128),
+    ag.FloatFormat("E0M7_B127", 0, 7, 127),
+    ag.FloatFormat("E0M7_B142", 0, 7, 142),  # step 2**-149: nothing to round among subnormals
+    ag.FloatFormat("E2M1_B149", 2, 1, 149),
+    ag.FloatFormat("E4M3_B146", 4, 3, 146, has_nan=True),  # smallest step exactly 2**-148
+    ag.FloatFormat("E3M2_B140", 3, 2, 140),
+    ag.FloatFormat("E5M0_B140", 5, 0, 140),  # M = 0: ties to the even exponent code
+    ag.FloatFormat("E8M0_B149", 8, 0, 149, has_nan=True, signed=False, has_zero=False),
+    ag.FloatFormat("E8M0_B140", 8, 0, 140, has_nan=True, signed=False, has_zero=False),
+)
 
 
 def reference_round(x: np.ndarray, fmt: ag.FloatFormat) -> np.ndarray:

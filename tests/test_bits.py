@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import ML_DTYPES, SMALL_FORMATS, log_uniform_values, midpoints
+from conftest import LOW_FORMATS, ML_DTYPES, SMALL_FORMATS, log_uniform_values, midpoints
 
 import altgrad_jax as ag
 
-ALL_CODE_FORMATS = (*SMALL_FORMATS, ag.FP16, ag.BF16)
+ALL_CODE_FORMATS = (*SMALL_FORMATS, ag.FP16, ag.BF16, *LOW_FORMATS)
 
 
 def _all_codes(fmt):
@@ -89,7 +89,7 @@ def test_codes_reject_wrong_dtypes():
         ag.to_bits(jnp.ones(3, jnp.int32), ag.E4M3)
 
 
-@pytest.mark.parametrize("fmt", SMALL_FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", (*SMALL_FORMATS, *LOW_FORMATS), ids=lambda f: f.name)
 def test_ulp_is_the_gap_to_the_next_grid_value(fmt):
     g = ag.grid(fmt, negative=False)
     gaps = np.diff(g)

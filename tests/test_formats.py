@@ -86,13 +86,51 @@ def test_unknown_format_lists_known_names():
         (dict(exponent_bits=0, mantissa_bits=7, bias=0, has_inf=True, has_nan=True), "inf"),
         (dict(exponent_bits=5, mantissa_bits=2, bias=15, has_inf=True), "has_nan"),
         (dict(exponent_bits=8, mantissa_bits=3, bias=100), "above float32"),
-        (dict(exponent_bits=4, mantissa_bits=3, bias=140), "below float32"),
+        (dict(exponent_bits=4, mantissa_bits=3, bias=148), r"2\*\*-150, below float32's smallest"),
+        (dict(exponent_bits=0, mantissa_bits=7, bias=143), r"2\*\*-150, below float32's smallest"),
+        (
+            dict(exponent_bits=8, mantissa_bits=0, bias=150, has_zero=False, signed=False),
+            r"2\*\*-150, below float32's smallest",
+        ),
         (dict(exponent_bits=4, mantissa_bits=3, bias=7, has_zero=False), "exponent-only"),
     ],
 )
 def test_impossible_formats_raise(kwargs, reason):
     with pytest.raises(ValueError, match=reason):
         ag.FloatFormat("bad", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((2, 1, 128), {}),
+        ((0, 7, 127), {}),
+        ((0, 7, 142), {}),  # quantum 2**-149: float32's smallest subnormal
+        ((8, 0, 149), dict(has_nan=True, signed=False, has_zero=False)),
+    ],
+)
+def test_formats_exact_in_float32_are_accepted(args, kwargs):
+    fmt = ag.FloatFormat("low", *args, **kwargs)
+    values = ag.grid(fmt)
+    assert np.all(values.astype(np.float32).astype(np.float64) == values)
+    assert fmt.min_subnormal >= 2.0**-149
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        (dict(name=123), "name"),
+        (dict(name=""), "name"),
+        (dict(signed="no"), "signed"),
+        (dict(has_nan=1), "has_nan"),
+        (dict(has_inf=None), "has_inf"),
+        (dict(has_zero=0), "has_zero"),
+    ],
+)
+def test_name_and_flags_are_type_checked(kwargs, argument):
+    kwargs = {"name": "bad", **kwargs}
+    with pytest.raises(TypeError, match=f"{argument} must be"):
+        ag.FloatFormat(exponent_bits=4, mantissa_bits=3, bias=7, **kwargs)
 
 
 def test_non_integer_bits_raise_type_error():

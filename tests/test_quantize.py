@@ -12,6 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from conftest import (
+    LOW_FORMATS,
     ML_DTYPES,
     REFERENCE_ONLY,
     SMALL_FORMATS,
@@ -427,3 +428,26 @@ def test_format_params_bounds_are_static_and_shared_by_within():
         lambda c, p: (c, ag.quantize(jnp.float32(3.3), p)), 0, ag.stack_format_params(family)
     )[1]
     np.testing.assert_array_equal(scanned, [3.25, 3.5])
+
+
+# ------------------------------------------- formats whose grid lies among float32 subnormals
+@pytest.mark.parametrize("fmt", LOW_FORMATS, ids=lambda f: f.name)
+def test_formats_below_float32_normals_match_the_reference(fmt):
+    x = np.concatenate([_values(fmt, 5000), [fmt.max_value * 3, 2.0**-126, 1.0, 1e30]])
+    x = x.astype(np.float32)
+    x = x[(x > 0) | fmt.signed]
+    np.testing.assert_array_equal(f32_bits(quantize_jit(x, fmt)), f32_bits(reference_round(x, fmt)))
+    out = np.asarray(ag.quantize(x, fmt, rounding="toward_zero"))
+    g = ag.grid(fmt, negative=False)
+    below = g[np.clip(np.searchsorted(g, np.abs(x), side="right") - 1, 0, None)]
+    expected = np.where(np.abs(x) < g[0], g[0], below) * (np.sign(x) if fmt.signed else 1)
+    np.testing.assert_array_equal(out, expected.astype(np.float32))
+    sr = np.asarray(ag.quantize(x, fmt, rounding="stochastic", key=jax.random.key(0)))
+    lo, hi = _neighbours(np.clip(x, -fmt.max_value, fmt.max_value).astype(np.float64), fmt)
+    assert np.all((sr == lo) | (sr == hi))
+
+
+@pytest.mark.parametrize("fmt", LOW_FORMATS[:3], ids=lambda f: f.name)
+def test_formats_below_float32_normals_are_static_only(fmt):
+    with pytest.raises(ValueError, match="static format"):
+        ag.format_params(fmt).as_arrays()
