@@ -11,7 +11,16 @@ high bits of ``v = |x|_bits - base``:
   (with its implicit bit) and the code is ``v >> s``, the shift ``s <= 23`` growing as x shrinks.
 
 Rounding is then one add and one mask on ``v``; a carry out of the mantissa moves into the next
-binade by itself. Below the smallest positive value only two candidates remain, handled apart.
+binade by itself. Below the smallest positive value only two candidates remain, handled apart
+(stochastically with an integer threshold on 32 random bits, :func:`_tiny_threshold`).
+
+A format whose normal range starts among float32's subnormals (``min_normal_field <= 0``, static
+only) takes one more branch: there float32's bits are a linear coordinate and the shift follows
+x's binade (:func:`_frame_below_float32_normals`).
+
+Scales never go through a float multiply on a subnormal either: :func:`scale_float32` multiplies
+normalised significands and moves the exponent in integers, rounding once into float32's
+subnormals (see :mod:`altgrad_jax.quantize`).
 """
 
 from __future__ import annotations

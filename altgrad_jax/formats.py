@@ -2,7 +2,14 @@
 
 A format is a sign / exponent / mantissa split with a bias and a choice of special codes. It is a
 frozen, hashable dataclass, so it can be a static argument of ``jax.jit``. Everything here is plain
-Python and NumPy: the JAX kernels that use these numbers live in :mod:`altgrad_jax.bits`.
+Python and NumPy (JAX only registers :class:`FormatParams` as a pytree): the JAX kernels that use
+these numbers live in :mod:`altgrad_jax.bits`.
+
+A format is accepted when every finite value is exact in float32: its smallest positive value at
+least ``2**-149`` and its largest exponent at most 127. Its binades may lie among float32's
+subnormals (``FloatFormat("x", 2, 1, 128)``: normal values from ``2**-127``); such a format has
+``min_normal_field <= 0``, which the kernels handle in a branch chosen at trace time, so it is
+static only (``as_arrays`` refuses it).
 
 Semantics (as in the OCP 8-bit floating point and MX specifications):
 
