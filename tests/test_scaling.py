@@ -95,6 +95,9 @@ def test_one_inf_keeps_its_neighbours_and_later_steps_clean(mode, jit):
     np.testing.assert_array_equal(h2.history, h.history)
     np.testing.assert_array_equal(q[1:4], ag.quantize(x[1:4], ag.E4M3, scale))
     assert float(q[0]) == float(448 * scale) and np.isnan(q[4])
+    e5m2_scale, _ = ag.scale_and_update(ag.AmaxHistory.create(4), x, ag.E5M2, mode)
+    q5 = ag.quantize(x, ag.E5M2, e5m2_scale)  # a format with inf keeps it
+    assert float(q5[0]) == np.inf and np.isnan(q5[4]) and np.all(np.isfinite(q5[1:4]))
     clean = jnp.array([1.0, 2.0])
     q, scale, _, finite = step(h2, clean)
     assert bool(finite) and np.all(np.isfinite(q))
