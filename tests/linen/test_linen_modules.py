@@ -22,15 +22,17 @@ from altgrad_jax.linen import (
 from altgrad_jax.quant_dot import QuantStats
 
 
-def expected_scale(amaxes, scaling, window=16, fmt=ag.E4M3, margin=1.01):
+def expected_scale(amaxes, scaling, window=16, fmt=ag.E4M3, margin=1.01, empty=None):
     """The documented scale, from the list of amaxes seen so far (this tensor's last).
 
     ``amax * (margin / max_value)`` with the factor rounded once to float32, as compute_scale
-    documents.
+    documents. An empty window (delayed scaling's first step) scales from this tensor.
     """
     seen = amaxes if scaling == "current" else amaxes[:-1]
     recent = seen[-window:]
-    amax = np.float32(max(recent)) if recent else np.float32(1.0)
+    if empty is None:  # scale_and_update: an empty window scales from this tensor
+        empty = amaxes[-1]
+    amax = np.float32(max(recent)) if recent else np.float32(empty)
     factor = np.float32(margin) / np.float32(fmt.max_value)
     return max(amax * factor, np.float32(1e-10))
 
@@ -159,7 +161,9 @@ def test_delayed_output_grad_scale_comes_from_the_helper_state():
         c = jax.random.normal(jax.random.key(i), (6, 6)) * factor
         _, grads, state = step(params, state, c)
         dy_amaxes.append(amax(c))
-        sg = expected_scale(dy_amaxes, "delayed", window=3, fmt=ag.E5M2)
+        # quant_dot's backward still scales an empty delayed window at amax 1.0 (issue 12: the
+        # layers' half moves it to scale_and_update's rule, this tensor's amax).
+        sg = expected_scale(dy_amaxes, "delayed", window=3, fmt=ag.E5M2, empty=1.0)
         np.testing.assert_array_equal(grads["kernel"], ag.quantize(c, ag.E5M2, sg))
         history = state["dot_general"]["output_grads"]
         np.testing.assert_array_equal(history.history, np.float32(([*dy_amaxes[::-1], 0, 0])[:3]))
@@ -184,12 +188,17 @@ def test_stochastic_rounding_needs_its_rng_stream():
 def test_statistics_on_hand_built_inputs():
     config = QuantConfig.uniform("E4M3", None, scaling="delayed", stats=True)
     layer = QuantDense(1, use_bias=False, kernel_init=nn.initializers.ones, config=config)
-    s0 = expected_scale([0.0], "delayed")  # fresh history: amax 1.0
+    s0 = expected_scale([1.0, 0.0], "delayed")  # after one step of amax 1.0
     scaled = [500, -1000, 1e6, 600, 1e-5, -1e-6, 0.004, -0.01, np.nan, 3.0]
     x = jnp.asarray([scaled], jnp.float32) * s0
     variables = layer.init(jax.random.key(0), x)
-    _, out = layer.apply(
+    _, first = layer.apply(
         {"params": variables["params"], QUANT_STATE: variables[QUANT_STATE]},
+        jnp.ones_like(x),
+        mutable=[QUANT_STATE],
+    )
+    _, out = layer.apply(
+        {"params": variables["params"], QUANT_STATE: first[QUANT_STATE]},
         x,
         mutable=[QUANT_STATE, QUANT_STATS],
     )

@@ -146,6 +146,7 @@ def test_quant_stats_method():
     assert set(layer.quant_stats()) == {"inputs", "weights"}
     s0 = np.float32(1.0) * (np.float32(1.01) / np.float32(448))
     scaled = [500, -1000, 1e6, 600, 1e-5, -1e-6, 0.004, -0.01, np.nan, 3.0]
+    layer(jnp.ones((1, 10)))  # one step of amax 1.0: the delayed window then gives s0
     layer(jnp.asarray([scaled], jnp.float32) * s0)
     stats = layer.quant_stats()["inputs"]
     fractions = (stats.saturated, stats.underflow, stats.subnormal, stats.nan, stats.scale)
