@@ -46,7 +46,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from altgrad_jax.bits import Rounding, _as_u32, power_of_two, round_float32, ulp
+from altgrad_jax.bits import (
+    Rounding,
+    _as_u32,
+    power_of_two,
+    round_float32,
+    scale_float32,
+    split_scale,
+    ulp,
+)
 from altgrad_jax.formats import BlockFormat, FloatFormat, format_params
 
 __all__ = ["block_amax", "block_scales", "normalize_axes", "quantize_blocks"]
@@ -230,5 +238,9 @@ def quantize_blocks(
     if random_bits is not None:
         noise, _ = _to_blocks(random_bits, axes, fmt.block_shape)
     params = format_params(fmt.element)
-    rounded = round_float32(blocks * (1 / scale), params, rounding, noise) * scale
+    # x * (1 / s) and q * s with the exponent moved in integers (E8M0's 2**-127 is a float32
+    # subnormal, which a flushing device would turn into 0): see altgrad_jax.quantize.
+    k, m = split_scale(scale)
+    scaled = scale_float32(blocks, 1 / m, -k, overflow=0x7F7FFFFF)
+    rounded = scale_float32(round_float32(scaled, params, rounding, noise), m, k)
     return restore(jnp.where(finite, rounded, jnp.float32(jnp.nan)))
