@@ -120,7 +120,6 @@ def test_formats_exact_in_float32_are_accepted(args, kwargs):
     ("kwargs", "argument"),
     [
         (dict(name=123), "name"),
-        (dict(name=""), "name"),
         (dict(signed="no"), "signed"),
         (dict(has_nan=1), "has_nan"),
         (dict(has_inf=None), "has_inf"),
@@ -131,6 +130,11 @@ def test_name_and_flags_are_type_checked(kwargs, argument):
     kwargs = {"name": "bad", **kwargs}
     with pytest.raises(TypeError, match=f"{argument} must be"):
         ag.FloatFormat(exponent_bits=4, mantissa_bits=3, bias=7, **kwargs)
+
+
+def test_empty_name_is_rejected():
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        ag.FloatFormat("", 4, 3, 7)
 
 
 def test_non_integer_bits_raise_type_error():
