@@ -55,7 +55,7 @@ from altgrad_jax.blocks import block_amax, block_scales, normalize_axes
 from altgrad_jax.config import ROLES, QuantConfig, TensorQuant
 from altgrad_jax.formats import BlockFormat, FloatFormat, FormatParams, as_params, format_params
 from altgrad_jax.quantize import quantize
-from altgrad_jax.scaling import AmaxHistory, compute_scale, scale_and_update
+from altgrad_jax.scaling import AmaxHistory, compute_scale, finite_amax, scale_and_update
 
 # The adapters (linen/, nnx/) also use initial_entry, next_entry and state_names.
 __all__ = [
@@ -347,11 +347,14 @@ def _grad_quantizer_fwd(policy, y, traced_format, history, count, probe, key):
 def _grad_quantizer_bwd(policy: _GradPolicy, residuals, dy):
     traced_format, history, count, key = residuals
     fmt = policy.static_format if traced_format is None else traced_format
+    # The finite amax: an inf or NaN in dy stays visible in dy itself, never in the scale
+    # (a non-finite amax is not recorded either; see AmaxHistory.record).
     dy_amax = jnp.max(jnp.abs(dy), initial=0.0).astype(jnp.float32)
+    finite = finite_amax(dy)
     if history is None:
-        amax = dy_amax
+        amax = finite
     else:
-        amax = AmaxHistory(history, count, policy.amax_algorithm).get_amax()
+        amax = AmaxHistory(history, count, policy.amax_algorithm).get_amax(empty=finite)
     scale = compute_scale(amax, fmt, policy.scale_min, policy.margin)
     q_dy = quantize(dy, fmt, scale, rounding=policy.rounding, key=key)
     # The cotangents of the history and of the stats probe carry this step's amax and stats.
@@ -586,7 +589,7 @@ def _block_gemm_bwd(policy: _BlockPolicy, residuals, dy):
         if policy.with_stats:
             stats = _merged_block_stats(dy, dy_n, tg, ax.out_rhs)
     elif tg is not None:
-        scale = compute_scale(jnp.max(jnp.abs(dy), initial=0.0), tg.format, tg.scale_min, tg.margin)
+        scale = compute_scale(finite_amax(dy), tg.format, tg.scale_min, tg.margin)
         dy_n = dy_t = quantize(dy, tg.format, scale, rounding=tg.rounding, key=_fold(keys[2], 1))
         if policy.with_stats:
             stats = tensor_stats(dy, dy_n, as_params(tg.format), scale)
@@ -616,7 +619,7 @@ _block_gemm.defvjp(_block_gemm_fwd, _block_gemm_bwd)
 
 def _per_tensor(x: jax.Array, tq: TensorQuant, key: jax.Array | None) -> jax.Array:
     """``x`` with a current per-tensor scale (the rotated copies of the weight-gradient GEMM)."""
-    scale = compute_scale(jnp.max(jnp.abs(x), initial=0.0), tq.format, tq.scale_min, tq.margin)
+    scale = compute_scale(finite_amax(x), tq.format, tq.scale_min, tq.margin)
     return quantize(x, tq.format, scale, rounding=tq.rounding, key=key)
 
 

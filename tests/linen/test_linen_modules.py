@@ -161,9 +161,8 @@ def test_delayed_output_grad_scale_comes_from_the_helper_state():
         c = jax.random.normal(jax.random.key(i), (6, 6)) * factor
         _, grads, state = step(params, state, c)
         dy_amaxes.append(amax(c))
-        # quant_dot's backward still scales an empty delayed window at amax 1.0 (issue 12: the
-        # layers' half moves it to scale_and_update's rule, this tensor's amax).
-        sg = expected_scale(dy_amaxes, "delayed", window=3, fmt=ag.E5M2, empty=1.0)
+        # An empty delayed window (step 1) scales from this gradient, as scale_and_update does.
+        sg = expected_scale(dy_amaxes, "delayed", window=3, fmt=ag.E5M2)
         np.testing.assert_array_equal(grads["kernel"], ag.quantize(c, ag.E5M2, sg))
         history = state["dot_general"]["output_grads"]
         np.testing.assert_array_equal(history.history, np.float32(([*dy_amaxes[::-1], 0, 0])[:3]))
