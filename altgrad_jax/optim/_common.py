@@ -17,6 +17,7 @@ import optax.tree_utils
 from flax import nnx
 from flax.core import meta
 
+from altgrad_jax._checks import check_choice, check_positive_float
 from altgrad_jax.bits import power_of_two
 from altgrad_jax.formats import FloatFormat, FormatParams, as_params
 from altgrad_jax.rules import FormatSpec, leaf_format
@@ -29,14 +30,8 @@ SCALE_MODES: tuple[str, ...] = ("pow2", "amax")
 def check_scale(scale: float | str) -> float | str:
     """Validates a scale option: a positive float, "pow2" or "amax"."""
     if isinstance(scale, str):
-        if scale not in SCALE_MODES:
-            raise ValueError(f"unknown scale {scale!r}; expected a positive float or {SCALE_MODES}")
-        return scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < jnp.inf:
-        raise ValueError(
-            f"scale must be a positive finite float or one of {SCALE_MODES}, got {scale!r}"
-        )
-    return float(scale)
+        return check_choice("scale", scale, SCALE_MODES)
+    return check_positive_float("scale", scale)
 
 
 # ------------------------------------------------------------------ boxed parameters

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from altgrad_jax._checks import check_positive_int
 from altgrad_jax.bits import round_float32, ulp
 from altgrad_jax.formats import as_params
 from altgrad_jax.optim._common import (
@@ -383,8 +384,7 @@ def monitor_stall(
     inner = optax.with_extra_args_support(inner)
     fmt = check_format_spec(fmt)
     scale = check_scale(scale)
-    if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every < 2**16:
-        raise ValueError(f"every must be an int in [1, 65535], got {every!r}")
+    every = check_positive_int("every", every, maximum=2**16 - 1)
 
     def init_fn(params):
         treedef = flatten_params(params)[3]

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from altgrad_jax._checks import check_choice, choices_of
 from altgrad_jax.formats import BlockFormat, FormatParams, as_params
 from altgrad_jax.optim._common import (
     LeafFormat,
@@ -80,7 +81,7 @@ __all__ = [
 ]
 
 StorageRule = Literal["nearest", "stochastic", "compensated", "master"]
-STORAGE_RULES: tuple[str, ...] = ("nearest", "stochastic", "compensated", "master")
+STORAGE_RULES: tuple[str, ...] = choices_of(StorageRule)
 
 
 class LandedStats(NamedTuple):
@@ -247,8 +248,7 @@ def low_precision_storage(
       ``update`` needs ``params``. A zero update leaves weights that are on the grid unchanged
       (and an off-grid start is snapped to it).
     """
-    if rule not in STORAGE_RULES:
-        raise ValueError(f"unknown storage rule {rule!r}; expected one of {STORAGE_RULES}")
+    check_choice("storage rule", rule, STORAGE_RULES)
     fmt = check_format_spec(fmt)
     scale = check_scale(scale)
     if scale == "amax":

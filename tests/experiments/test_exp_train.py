@@ -39,7 +39,7 @@ def test_traced_step_compiles_once_for_every_format(setup):
     assert not np.array_equal(losses[1], losses[2])
 
 
-@pytest.mark.parametrize("name", FORMATS[:2])
+@pytest.mark.parametrize("name", [FORMATS[0], pytest.param(FORMATS[1], marks=pytest.mark.slow)])
 def test_traced_step_equals_static_step(setup, name):
     model, rule, config, corpus, _, runs = setup
     fmt = get_format(name)

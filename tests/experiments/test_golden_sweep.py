@@ -30,6 +30,7 @@ def _config(golden, **changes) -> SweepConfig:
     return SweepConfig.from_flat({**kept, **changes})
 
 
+@pytest.mark.slow
 def test_sweep_reproduces_the_pre_refactor_numbers_bit_for_bit(golden):
     # Two formats and two rules keep the test short; runs do not depend on each other.
     config = _config(golden, formats=("E4M3", "E7M0"), rules=("nearest", "ulp"))

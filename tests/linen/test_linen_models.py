@@ -155,6 +155,7 @@ def _trainer(model):
     return step, traces
 
 
+@pytest.mark.slow
 def test_decoder_trains_compiles_once_reports_and_resumes_from_a_checkpoint():
     rules = PathRules((("mlp_out", None), ("embed", QuantConfig.uniform("E5M2", "E5M2"))), DELAYED)
     model = ql.quantize_model(Decoder(), rules, attention=True)
@@ -251,6 +252,7 @@ def test_patterns_matching_no_layer_warn_and_are_reported():
     assert "matched no layer" in str(report)
 
 
+@pytest.mark.slow
 def test_quantized_attention_keeps_flax_decode_cache_and_dropout():
     mha = nn.MultiHeadDotProductAttention(num_heads=2, dropout_rate=0.5, decode=True)
     model = ql.quantize_model(mha, PathRules(default=CFG), attention=True)
@@ -272,6 +274,7 @@ def test_quantized_attention_keeps_flax_decode_cache_and_dropout():
     assert int(quant_state["attention_fn"]["scores"]["inputs"].count) == 4
 
 
+@pytest.mark.slow
 def test_conv_with_block_formats_blocks_along_the_input_features():
     block = QuantConfig(inputs="MXFP8_E4M3", weights="MXFP8_E4M3", output_grads="MXFP8_E5M2")
     x = jax.random.normal(jax.random.key(2), (2, 6, 6, 40)) * 3

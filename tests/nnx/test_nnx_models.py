@@ -115,6 +115,7 @@ def _optimizer():
     return monitor_stall(optax.chain(optax.adam(1e-2), low_precision_storage("BF16")), "BF16")
 
 
+@pytest.mark.slow
 def test_decoder_trains_compiles_once_reports_and_resumes():
     rules = PathRules((("mlp_out", None), ("embed", QuantConfig.uniform("E5M2", "E5M2"))), DELAYED)
     model = qnnx.quantize_model(Decoder(nnx.Rngs(0)), rules, attention=True)
@@ -218,6 +219,7 @@ def test_unsupported_layers_raise_and_unmatched_patterns_warn():
     assert {layer.reason for layer in plain.layers} == {"no rules given"}
 
 
+@pytest.mark.slow
 def test_linen_and_nnx_compute_the_same_numbers_and_states():
     """Conv, embedding (lookup + attend) and attention: one step of each framework agrees."""
     import flax.linen as nn
