@@ -46,6 +46,28 @@ def contraction(op: Callable[..., jax.Array], *args: Any, **kwargs: Any) -> Call
     return functools.partial(op, *args, **given) if args else functools.partial(op, **given)
 
 
+def dot_general_parts(
+    op: Callable[..., jax.Array],
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers: lax.DotDimensionNumbers,
+    precision: lax.PrecisionLike,
+    preferred_element_type: jnp.dtype | None,
+    kwargs: dict[str, Any],
+) -> tuple[Callable[..., jax.Array], Callable[[], ContractionAxes]]:
+    """A ``dot_general`` call as the core takes it: the bound op and its contraction axes
+    (computed only when a block format asks for them). Shared by the Linen and NNX ops."""
+    contract = contraction(
+        op,
+        dimension_numbers=dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        **kwargs,
+    )
+    axes = functools.partial(ContractionAxes.of_dot_general, lhs.ndim, rhs.ndim, dimension_numbers)
+    return contract, axes
+
+
 class QuantDotGeneral(nn.Module):
     """A drop-in ``dot_general`` whose operands and output gradient are quantized.
 
@@ -69,15 +91,8 @@ class QuantDotGeneral(nn.Module):
         preferred_element_type: jnp.dtype | None = None,
         **kwargs: Any,
     ) -> jax.Array:
-        contract = contraction(
-            self.dot_general,
-            dimension_numbers=dimension_numbers,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
-            **kwargs,
-        )
-        axes = functools.partial(
-            ContractionAxes.of_dot_general, lhs.ndim, rhs.ndim, dimension_numbers
+        contract, axes = dot_general_parts(
+            self.dot_general, lhs, rhs, dimension_numbers, precision, preferred_element_type, kwargs
         )
         return self.quantized(contract, lhs, rhs, axes)
 

@@ -29,7 +29,7 @@ from flax import nnx
 from jax import lax
 
 from altgrad_jax.config import QuantConfig
-from altgrad_jax.linen.modules import contraction
+from altgrad_jax.linen.modules import contraction, dot_general_parts
 from altgrad_jax.quant_dot import (
     ContractionAxes,
     QuantDotState,
@@ -187,15 +187,8 @@ class QuantDotGeneral(_QuantOp):
         preferred_element_type: jnp.dtype | None = None,
         **kwargs: Any,
     ) -> jax.Array:
-        contract = contraction(
-            self.op,
-            dimension_numbers=dimension_numbers,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
-            **kwargs,
-        )
-        axes = functools.partial(
-            ContractionAxes.of_dot_general, lhs.ndim, rhs.ndim, dimension_numbers
+        contract, axes = dot_general_parts(
+            self.op, lhs, rhs, dimension_numbers, precision, preferred_element_type, kwargs
         )
         return self._quantized(contract, lhs, rhs, axes)
 
