@@ -159,12 +159,17 @@ def _round_up(x: jax.Array, fmt: FloatFormat) -> jax.Array:
     return jnp.where(nearest < x, above, nearest)
 
 
+def _tensor_amax(x: jax.Array, fmt: BlockFormat) -> jax.Array | None:
+    """The tensor's finite amax, only for formats with a tensor scale (NVFP4); else None."""
+    return _finite_amax(x) if fmt.tensor_scale else None
+
+
 def _finite_amax(x: jax.Array) -> jax.Array:
     finite = jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0)
     return jnp.max(finite, initial=0.0).astype(jnp.float32)
 
 
-def _scales(amax: jax.Array, fmt: BlockFormat, tensor_amax: jax.Array) -> jax.Array:
+def _scales(amax: jax.Array, fmt: BlockFormat, tensor_amax: jax.Array | None) -> jax.Array:
     """float32 block scales from block amaxes (finite, >= 0) and the tensor's finite amax."""
     element_max = jnp.float32(fmt.element.max_value)
     scale_fmt = fmt.scale_format
@@ -211,7 +216,7 @@ def block_scales(x: jax.Array, fmt: BlockFormat, axis: BlockAxes = None) -> jax.
     axes = normalize_axes(fmt, x.ndim, axis)
     blocks, _ = _to_blocks(x, axes, fmt.block_shape)
     amax = jnp.max(jnp.abs(blocks), axis=-1)
-    scales = _scales(jnp.where(jnp.isfinite(amax), amax, 0.0), fmt, _finite_amax(x))
+    scales = _scales(jnp.where(jnp.isfinite(amax), amax, 0.0), fmt, _tensor_amax(x, fmt))
     scales = jnp.where(jnp.isfinite(amax), scales, jnp.float32(jnp.nan))
     return _from_block_grid(scales, x.ndim, axes)
 
@@ -233,7 +238,7 @@ def quantize_blocks(
     blocks, restore = _to_blocks(x, axes, fmt.block_shape)
     amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
     finite = jnp.isfinite(amax)
-    scale = _scales(jnp.where(finite, amax, 0.0), fmt, _finite_amax(x))
+    scale = _scales(jnp.where(finite, amax, 0.0), fmt, _tensor_amax(x, fmt))
     noise = None
     if random_bits is not None:
         noise, _ = _to_blocks(random_bits, axes, fmt.block_shape)
