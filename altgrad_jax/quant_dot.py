@@ -55,7 +55,13 @@ from altgrad_jax.blocks import block_amax, block_scales, normalize_axes
 from altgrad_jax.config import ROLES, QuantConfig, TensorQuant
 from altgrad_jax.formats import BlockFormat, FloatFormat, FormatParams, as_params, format_params
 from altgrad_jax.quantize import quantize
-from altgrad_jax.scaling import AmaxHistory, compute_scale, finite_amax, scale_and_update
+from altgrad_jax.scaling import (
+    AmaxHistory,
+    amax_and_finite,
+    compute_scale,
+    finite_amax,
+    scale_and_update,
+)
 
 # The adapters (linen/, nnx/) also use initial_entry, next_entry and state_names.
 __all__ = [
@@ -349,8 +355,7 @@ def _grad_quantizer_bwd(policy: _GradPolicy, residuals, dy):
     fmt = policy.static_format if traced_format is None else traced_format
     # The finite amax: an inf or NaN in dy stays visible in dy itself, never in the scale
     # (a non-finite amax is not recorded either; see AmaxHistory.record).
-    dy_amax = jnp.max(jnp.abs(dy), initial=0.0).astype(jnp.float32)
-    finite = finite_amax(dy)
+    dy_amax, finite = amax_and_finite(dy)
     if history is None:
         amax = finite
     else:

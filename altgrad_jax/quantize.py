@@ -9,21 +9,32 @@ ml_dtypes), so the forward pass is exact; the backward pass is the straight-thro
 or a :class:`FormatParams` of arrays (traced: one compiled program serves every format, and
 ``vmap`` can run over a stack of formats).
 
-The scale, without float arithmetic on subnormals. Devices flush float32 subnormals in float
-multiplies (XLA:CPU does, GPUs do in fast modes), which would turn ``1e-40 / 3`` into 0 and E8M0's
-code 0, ``2**-127``, into 0. So a scale is split from its bits as ``scale = m * 2**k`` with
-``m`` in ``[1, 2)`` (:func:`altgrad_jax.bits.split_scale`), and both multiplies go through
-:func:`altgrad_jax.bits.scale_float32`, which multiplies normalised significands (normal floats
-only) and applies ``2**k`` on the exponent field in integers, rounding into float32's subnormal
-range exactly once:
+The scale, exact whatever the device does with subnormals. Devices flush float32 subnormals in
+float multiplies (XLA:CPU does, GPUs do in fast modes), which would turn ``1e-40 / 3`` into 0 and
+E8M0's code 0, ``2**-127``, into 0. Two paths give the same bits:
 
-* forward ``y = x * (1 / scale)`` is ``x * r * 2**-k`` with ``r = 1 / m`` rounded to float32,
+* the float path, ``y = x * (1 / scale)`` and ``q * scale`` as plain float32 multiplies, taken
+  only where no flush can change the result: the scale is normal with ``scale * min_value >=
+  2**-124``, the format signed with a zero and ``min_value >= 2**-124``, and the rounding
+  nearest or toward zero. Then every product that could be flushed (or that a subnormal ``x``
+  would give) lies below ``min_value / 4`` and rounds to the same signed zero either way, and
+  ``q * scale`` is never subnormal. This is the common case and runs at the speed of two
+  multiplies. The test is on scalars (a static choice, or one ``lax.cond`` for traced scales
+  and formats);
+* the exact path elsewhere: the scale is split from its bits as ``scale = m * 2**k`` with ``m``
+  in ``[1, 2)`` (:func:`altgrad_jax.bits.split_scale`), and both multiplies go through
+  :func:`altgrad_jax.bits.scale_float32`, which multiplies normalised significands (normal
+  floats only) and applies ``2**k`` on the exponent field in integers, rounding into float32's
+  subnormal range exactly once.
+
+Both compute:
+
+* forward ``y = x * (1 / scale)``: ``x * r * 2**-k`` with ``r = 1 / m`` rounded to float32,
   rounded once: bit for bit IEEE float32 ``x * (1 / scale)`` with gradual underflow whenever
   ``1 / scale`` is a float32 normal (every scale up to ``2**126``). For a power of two
-  ``r = 1`` and it is exact (integer arithmetic only for concrete scales); a ``y`` beyond
-  float32's range becomes float32's largest finite value, so a finite ``x`` saturates to
-  ``max_value`` instead of reaching inf through the scale;
-* back, ``q * scale = q * m * 2**k`` rounded once, which is IEEE float32 ``q * scale`` exactly.
+  ``r = 1`` and it is exact. A ``y`` beyond float32's range becomes float32's largest finite
+  value, so a finite ``x`` saturates to ``max_value`` instead of reaching inf through the scale;
+* back, ``q * scale`` rounded once, which is IEEE float32 ``q * scale`` exactly.
 """
 
 from __future__ import annotations
@@ -226,24 +237,88 @@ def quantize(
 
     x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
     if unit_scale:
+        noise = random_bits(key, x32.shape) if rounding == "stochastic" else None
         scaled = x32
+        back = round_float32(scaled, params, rounding, noise)
     else:
-        k, inverse, factor = _scale_parts(scale, concrete_scale)
-        scaled = scale_float32(x32, inverse, -k, overflow=_F32_MAX_BITS)
-    noise = random_bits(key, scaled.shape) if rounding == "stochastic" else None
-    rounded = round_float32(scaled, params, rounding, noise)
-    if unit_scale:
-        back = rounded
-    else:
-        back = scale_float32(rounded, factor, k)
-        if concrete_scale is None:  # a traced scale that is not positive and finite: NaN
-            bits = jax.lax.bitcast_convert_type(jnp.asarray(scale, jnp.float32), jnp.int32)
-            valid = (bits > 0) & (bits < 0x7F800000)  # integers: a subnormal scale is valid
-            back = jnp.where(valid, back, jnp.float32(jnp.nan))
+        back, scaled = _round_scaled(
+            x32, scale, concrete_scale, params, rounding, key, clip_gradient
+        )
     quantized = back.astype(x.dtype)
     if not clip_gradient:
         return _straight_through(x, quantized)
     return _clipped_straight_through(x, quantized, jnp.abs(scaled) <= params.max_value)
+
+
+def _round_scaled(x32, scale, concrete, params, rounding, key, return_scaled: bool):
+    """``(round(x * (1 / scale)) * scale, x * (1 / scale) or None)``: the float path where float
+    arithmetic is provably exact on every device, else the exact-scaling path.
+
+    Float multiplies agree with IEEE gradual underflow unless an operand or a result is a float32
+    subnormal. Back, ``q * scale`` with ``|q| >= min_value`` is normal when ``scale * min_value
+    >= 2**-126``. Forward, a subnormal ``x`` (read as 0 by a DAZ device) or a subnormal product
+    (flushed to 0) is harmless when it rounds to a signed zero anyway: with ``scale * min_value
+    >= 2**-124`` and ``min_value >= 2**-124`` every such product is below ``min_value / 4``, so
+    nearest and toward-zero rounding give ``±0`` from it and from its flushed value alike (in a
+    signed format with a zero). Stochastic rounding rounds every nonzero tiny value up with
+    probability at least ``2**-32``, so its forward multiply is always exact. The condition is
+    on scalars: a static choice for concrete scales and formats, else one ``lax.cond``.
+    """
+    k, inverse, factor = _scale_parts(scale, concrete)
+    scale32 = jnp.asarray(scale if concrete is None else concrete, jnp.float32)
+    if concrete is None:  # a traced scale that is not positive and finite gives NaN
+        bits = jax.lax.bitcast_convert_type(scale32, jnp.int32)
+        valid = jnp.all((bits > 0) & (bits < 0x7F800000))  # integers: subnormal scales valid
+    else:
+        valid = True
+
+    def exact_forward(x32):
+        return scale_float32(x32, inverse, -k, overflow=_F32_MAX_BITS)
+
+    def float_forward(x32):
+        y = x32 * (1 / scale32)
+        if params.has_inf is False:  # the kernel saturates inf like any overflow
+            return y
+        # A finite x beyond float32's range after scaling saturates as in scale_float32.
+        return jnp.where(jnp.isinf(x32), x32, jnp.clip(y, -_F32_MAX, _F32_MAX))
+
+    def branch(forward, float_back):
+        def run(x32, key):
+            scaled = forward(x32)
+            noise = random_bits(key, scaled.shape) if rounding == "stochastic" else None
+            rounded = round_float32(scaled, params, rounding, noise)
+            if float_back:  # taken only for valid scales
+                back = rounded * scale32
+            else:
+                back = jnp.where(valid, scale_float32(rounded, factor, k), jnp.float32(jnp.nan))
+            return back, (scaled if return_scaled else None)
+
+        return run
+
+    # The smallest positive value: the quantum above zero, or the lowest power of two.
+    min_bits = jnp.where(jnp.asarray(params.has_zero), params.tiny_high, params.tiny_low)
+    min_value = jax.lax.bitcast_convert_type(jnp.asarray(min_bits, jnp.uint32), jnp.float32)
+    floor = np.float32(2.0**-124)
+    float_back_ok = (
+        valid
+        & jnp.all(scale32 >= np.float32(_F32_MIN_NORMAL))
+        & jnp.all(scale32 * min_value >= np.float32(_F32_MIN_NORMAL))
+    )
+    float_forward_ok = (
+        float_back_ok
+        & (rounding != "stochastic")
+        & jnp.asarray(params.signed)
+        & jnp.asarray(params.has_zero)
+        & (min_value >= floor)
+        & jnp.all(scale32 * min_value >= floor)
+        & jnp.all(scale32 < np.float32(2.0**126))
+    )
+    fast = branch(exact_forward if rounding == "stochastic" else float_forward, True)
+    exact = branch(exact_forward, False)
+    pred = float_back_ok if rounding == "stochastic" else float_forward_ok
+    if isinstance(pred, (bool, np.bool_)) or not isinstance(pred, jax.core.Tracer):
+        return (fast if bool(pred) else exact)(x32, key)
+    return jax.lax.cond(pred, fast, exact, x32, key)
 
 
 def _quantize_blocked(x, fmt: BlockFormat, scale, rounding, key, axis) -> jax.Array:

@@ -46,6 +46,7 @@ __all__ = [
     "SCALING_MODES",
     "AmaxHistory",
     "ScalingMode",
+    "amax_and_finite",
     "compute_scale",
     "finite_amax",
     "scale_and_update",
@@ -124,8 +125,23 @@ def finite_amax(x: jax.Array) -> jax.Array:
 
     What an empty window falls back to (see the module docstring).
     """
-    a = jnp.abs(_check_floating(x, "finite_amax"))
-    return jnp.max(jnp.where(jnp.isfinite(a), a, 0), initial=0.0).astype(jnp.float32)
+    return amax_and_finite(_check_floating(x, "finite_amax"))[1]
+
+
+def amax_and_finite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(max|x|, finite_amax(x))``, the second read from the first unless it is not finite.
+
+    A tensor without inf or NaN has ``finite_amax == max|x|``, so the masked reduction runs
+    (in a ``lax.cond``) only for tensors that hold one. Both reductions in one fused loop ran
+    as a scalar loop on XLA:CPU: 3.5 ms instead of 0.6 ms for 2**20 float32 entries.
+    """
+    amax = _amax(x)
+
+    def masked():
+        a = jnp.abs(x)
+        return jnp.max(jnp.where(jnp.isfinite(a), a, 0), initial=0.0).astype(jnp.float32)
+
+    return amax, jax.lax.cond(jnp.isfinite(amax), lambda: amax, masked)
 
 
 def _scale_factor(fmt: FormatLike, margin: float) -> jax.Array:
@@ -185,10 +201,10 @@ def scale_and_update(
     check_choice("scaling mode", mode, SCALING_MODES)
     check_bool("return_finite", return_finite)
     x = _check_floating(x, "scale_and_update")
-    amax = _amax(x)
+    amax, finite = amax_and_finite(x)
     new_history = history.record(amax)
     source = new_history if mode == "current" else history
-    scale = compute_scale(source.get_amax(empty=finite_amax(x)), fmt, scale_min, margin)
+    scale = compute_scale(source.get_amax(empty=finite), fmt, scale_min, margin)
     if return_finite:
         return scale, new_history, jnp.isfinite(amax)
     return scale, new_history

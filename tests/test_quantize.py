@@ -326,6 +326,27 @@ def test_scaled_path_is_exact_on_subnormal_intermediates(fmt, scale):
     np.testing.assert_array_equal(f32_bits(traced), f32_bits(eager))
 
 
+@pytest.mark.parametrize("fmt", [ag.E4M3, ag.E5M2, ag.E2M1], ids=lambda f: f.name)
+def test_float_fast_path_and_exact_path_agree_across_their_boundary(fmt):
+    """quantize multiplies in float where that is provably exact on a device that flushes
+    subnormals, and scales in integers elsewhere; around the switch (``scale * min_value`` near
+    ``2**-124``) subnormal inputs whose scaled values round up to ``min_value`` must survive."""
+    rng = np.random.default_rng(2)
+    min_value = float(ag.grid(fmt)[ag.grid(fmt) > 0].min())
+    boundary = 2.0**-124 / min_value
+    x = np.concatenate(
+        [
+            (2.0 ** rng.uniform(-149, -126, 2000)).astype(np.float32),  # float32 subnormals
+            (2.0 ** rng.uniform(-126, -90, 2000)).astype(np.float32),
+        ]
+    ) * rng.choice([-1, 1], 4000).astype(np.float32)
+    step = jax.jit(lambda x, s: ag.quantize(x, fmt, s))
+    for scale in boundary * np.array([0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.0**10]):
+        expected = _ieee_reference(x, fmt, scale)
+        np.testing.assert_array_equal(f32_bits(ag.quantize(x, fmt, scale)), f32_bits(expected))
+        np.testing.assert_array_equal(f32_bits(step(x, jnp.float32(scale))), f32_bits(expected))
+
+
 def test_issue_reproducers_for_subnormals():
     tiny = np.float32(1e-40)
     assert float(ag.quantize(tiny, "E8M0", 3.0)) == np.float32(2.0**-127) * np.float32(3.0)
