@@ -226,17 +226,41 @@ def quantize(
     if rounding == "stochastic" and key is None:
         raise ValueError("rounding='stochastic' needs a PRNG key: quantize(..., key=key)")
     x = jnp.asarray(x)
-    if not isinstance(fmt, FormatParams) and isinstance(get_format(fmt), BlockFormat):
-        return _quantize_blocked(x, get_format(fmt), scale, rounding, key, axis)
-    if axis is not None:
-        raise ValueError(f"axis={axis!r} is for block formats; {fmt!r} scales the whole tensor")
-    params = as_params(fmt)
-    _check_input(x, params, None if isinstance(fmt, FormatParams) else get_format(fmt).name)
-    concrete_scale = _check_scale(scale, x.shape)
+    traced = fmt if isinstance(fmt, FormatParams) else None
+    static = None if traced is not None else get_format(fmt)
     unit_scale = isinstance(scale, (int, float)) and scale == 1
+    if isinstance(static, BlockFormat):
+        if not unit_scale:
+            raise ValueError(
+                f"{static.name} takes its scales from its blocks; do not pass scale={scale!r}"
+            )
+        _check_input(x, as_params(static.element), static.element.name)
+    else:
+        if axis is not None:
+            raise ValueError(
+                f"axis={axis!r} is for block formats; {fmt!r} scales the whole tensor"
+            )
+        _check_input(x, as_params(fmt), None if traced is not None else static.name)
+    concrete_scale = None if unit_scale else _check_scale(scale, x.shape)
+    args = (x, None if unit_scale else scale, key, traced)
+    options = {"fmt": static, "rounding": rounding, "clip_gradient": clip_gradient, "axis": axis}
+    if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args)):
+        # Called eagerly: one compiled program (cached per shape) instead of dispatching the
+        # kernel's ~100 operations one by one, ~10x faster on a first call.
+        return _quantize_compiled(*args, **options)
+    return _quantize(*args, **options, concrete_scale=concrete_scale)
 
+
+def _quantize(x, scale, key, traced, *, fmt, rounding, clip_gradient, axis, concrete_scale=None):
+    """quantize after validation; ``scale`` None is the unit scale, ``traced`` the traced
+    format's parameters (then ``fmt`` is None)."""
     x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
-    if unit_scale:
+    if isinstance(fmt, BlockFormat):
+        noise = random_bits(key, x32.shape) if rounding == "stochastic" else None
+        quantized = quantize_blocks(x32, fmt, axis, rounding, noise).astype(x.dtype)
+        return _straight_through(x, quantized)
+    params = traced if traced is not None else as_params(fmt)
+    if scale is None:
         noise = random_bits(key, x32.shape) if rounding == "stochastic" else None
         scaled = x32
         back = round_float32(scaled, params, rounding, noise)
@@ -248,6 +272,11 @@ def quantize(
     if not clip_gradient:
         return _straight_through(x, quantized)
     return _clipped_straight_through(x, quantized, jnp.abs(scaled) <= params.max_value)
+
+
+_quantize_compiled = jax.jit(
+    _quantize, static_argnames=("fmt", "rounding", "clip_gradient", "axis")
+)
 
 
 def _round_scaled(x32, scale, concrete, params, rounding, key, return_scaled: bool):
@@ -319,15 +348,3 @@ def _round_scaled(x32, scale, concrete, params, rounding, key, return_scaled: bo
     if isinstance(pred, (bool, np.bool_)) or not isinstance(pred, jax.core.Tracer):
         return (fast if bool(pred) else exact)(x32, key)
     return jax.lax.cond(pred, fast, exact, x32, key)
-
-
-def _quantize_blocked(x, fmt: BlockFormat, scale, rounding, key, axis) -> jax.Array:
-    if not (isinstance(scale, (int, float)) and scale == 1):
-        raise ValueError(
-            f"{fmt.name} takes its scales from its blocks; do not pass scale={scale!r}"
-        )
-    _check_input(x, as_params(fmt.element), fmt.element.name)
-    x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
-    noise = random_bits(key, x32.shape) if rounding == "stochastic" else None
-    quantized = quantize_blocks(x32, fmt, axis, rounding, noise).astype(x.dtype)
-    return _straight_through(x, quantized)
