@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
+import pytest
 
 import altgrad_jax as ag
+
+
+def pytest_collection_modifyitems(items):
+    """Keeps the sweep's tests on one xdist worker, where their module fixtures compile once."""
+    for item in items:
+        if "experiments" in item.path.parts and item.path.name != "test_notebooks.py":
+            item.add_marker(pytest.mark.xdist_group("experiments"))
+
 
 # Formats that ml_dtypes also implements, with the same semantics in the finite range.
 ML_DTYPES = {
