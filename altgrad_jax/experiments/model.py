@@ -18,9 +18,32 @@ import jax.numpy as jnp
 
 from altgrad_jax._checks import check_positive_int
 
-__all__ = ["CharTransformer", "ModelConfig"]
+__all__ = ["LAYER_GROUPS", "CharTransformer", "ModelConfig", "layer_group"]
 
 _INIT = nn.initializers.normal(0.02)
+
+LAYER_GROUPS: tuple[str, ...] = ("embedding", "attention", "mlp", "head", "norm")
+"""The parameter groups the sweep reports stall for, in model order."""
+_GROUP_OF = {
+    "embed": "embedding",
+    "position": "embedding",
+    "qkv": "attention",
+    "proj": "attention",
+    "fc": "mlp",
+    "out": "mlp",
+    "head": "head",
+}
+
+
+def layer_group(path: tuple[str, ...]) -> str:
+    """The :data:`LAYER_GROUPS` entry of the parameter at ``path`` (e.g. ``("block_0", "qkv",
+    "kernel")`` is "attention"); layer norms are "norm"."""
+    for name in path:
+        if name in _GROUP_OF:
+            return _GROUP_OF[name]
+        if name.startswith("ln_"):
+            return "norm"
+    raise ValueError(f"parameter path {'/'.join(path)!r} is in none of {LAYER_GROUPS}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,22 @@
-"""The format-comparison sweep: one model, many formats and update rules, one compiled step each.
+"""The format-comparison sweep: one model, many formats, update rules and seeds, batched.
 
-For every update rule the train chunk and the evaluation are compiled once with the format as a
-traced :class:`FormatParams`, and every format runs through that same program. A run that produces
-a non-finite loss or parameter, or a loss above ``diverge_loss``, stops there and is reported as
-diverged at that step.
+For every update rule one program is compiled (a chunk of train steps followed by the validation
+loss, and the initialisation) with the format as a traced :class:`FormatParams`, mapped over
+every (format, seed) member of the rule: all formats and seeds of a rule run as one batch. The
+batch axis is sharded over every device through a ``jax.sharding.Mesh`` (``shard_map``: one
+device on a laptop, every GPU of a workstation); members never interact, so no device talks to
+another. On each device the members run one after another (``lax.map``), not vmapped:
+measured on 2 CPU cores, ``vmap`` over 15 members was 1.11x the throughput at the default model
+size and 0.45x at the ``--full`` size, and its numbers depend on the batch size (XLA fuses a
+batched program differently), whereas ``lax.map`` gives every member exactly the numbers of the
+same run alone, on one device or eight.
+A block format (MXFP8, MXFP4, NVFP4) is static, so it gets a program of its own, batched over
+seeds. On several hosts, ``jax.distributed.initialize()`` before the sweep makes
+``jax.devices()``, and so the mesh, span them all.
+
+A member that produces a non-finite loss or parameter, or a loss above ``diverge_loss``, is
+reported as diverged at that step (its statistics stop before it); the batch stops when all of
+its members have diverged.
 
 The configuration is one tree of frozen dataclasses (:class:`SweepConfig` holding a
 :class:`TrainConfig` and a :class:`ModelSize`); each field's metadata carries its help text, so the
@@ -26,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from altgrad_jax._checks import (
     check_bool,
@@ -36,18 +50,21 @@ from altgrad_jax._checks import (
     check_positive_int,
     choices_of,
 )
-from altgrad_jax.formats import format_params, get_format
+from altgrad_jax.formats import BlockFormat, FormatParams, format_params, get_format
 from altgrad_jax.optim import HISTOGRAM_LABELS, low_precision_storage, scale_by_ulp
 from altgrad_jax.optim.storage import StorageRule
 
+from . import stats
 from .data import CharCorpus
-from .model import CharTransformer, ModelConfig
+from .model import LAYER_GROUPS, CharTransformer, ModelConfig
 from .train import (
     TrainConfig,
     UpdateRule,
     evaluate,
     init_state,
+    learning_rate,
     make_train_chunk,
+    monitored,
     validation_batches,
 )
 
@@ -55,8 +72,10 @@ __all__ = [
     "BASELINE",
     "DEFAULT_FORMATS",
     "DEFAULT_RULES",
+    "FULL_GRID",
     "ROLES",
     "RULE_NAMES",
+    "CellResult",
     "CompiledProgram",
     "ConfigOption",
     "ModelSize",
@@ -69,7 +88,9 @@ __all__ = [
     "check_int",
     "check_optional_positive_float",
     "config_options",
+    "extra_state_bytes",
     "get_update_rule",
+    "grad_format_for",
     "run_sweep",
     "stores_nearest",
 ]
@@ -90,12 +111,46 @@ _TYPE_CHECKS: dict[Any, Checker] = {
 # --- Update rules --------------------------------------------------------------------------------
 
 BASELINE = "float32"
-DEFAULT_FORMATS: tuple[str, ...] = ("E5M2", "E4M3", "E3M4", "E2M5", "E1M6", "E0M7", "E7M0")
+DEFAULT_FORMATS: tuple[str, ...] = ("E5M2", "E4M3", "E3M4", "E7M0", "BF16", "FP16")
 RuleName = Literal[StorageRule, "ulp"]
 RULE_NAMES: tuple[str, ...] = choices_of(RuleName)
-# Plain nearest storage and its remedies; "master" (a float32 master copy, the usual mixed
-# precision practice) is available by name.
-DEFAULT_RULES: tuple[str, ...] = ("nearest", "stochastic", "compensated", "ulp")
+# Plain nearest storage, its two cheap remedies, and the float32 master copy (the usual mixed
+# precision practice) as the reference; "ulp" is available by name and in --full.
+DEFAULT_RULES: tuple[str, ...] = ("nearest", "stochastic", "compensated", "master")
+# --full: every 8-bit format, BF16 and FP16 under every rule, at the model size of the earlier
+# single-seed sweep (values by flat config name).
+FULL_GRID: dict[str, Any] = {
+    "formats": ("E5M2", "E4M3", "E3M4", "E2M5", "E1M6", "E0M7", "E7M0", "BF16", "FP16"),
+    "rules": RULE_NAMES,
+    "steps": 300,
+    "eval_every": 50,
+    "context": 64,
+    "d_model": 64,
+    "n_heads": 4,
+    "n_layers": 2,
+}
+GRAD_FORMAT_CHOICES = ("auto", "same")
+
+
+def grad_format_for(fmt: str, grad_format: str) -> str:
+    """The output gradients' format of a run whose forward format is ``fmt``.
+
+    "same": ``fmt``. "auto": E5M2 when the forward format is E4M3 (the FP8 pair of
+    Micikevicius et al. 2022: E4M3's precision forward, E5M2's range for gradients), else
+    ``fmt``. Any other value is a format name used for every run.
+    """
+    if grad_format == "same" or (grad_format == "auto" and fmt != "E4M3"):
+        return fmt
+    return "E5M2" if grad_format == "auto" else grad_format
+
+
+def _check_grad_format(name: str, value: Any) -> str:
+    if value in GRAD_FORMAT_CHOICES:
+        return value
+    try:
+        return get_format(value).name
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name}: {err}; or one of {', '.join(GRAD_FORMAT_CHOICES)}") from None
 
 
 def stores_nearest(rule: str) -> bool:
@@ -122,12 +177,31 @@ def get_update_rule(name: str, ulp_steps: float = 1.0) -> UpdateRule:
     if name == "ulp":
         return UpdateRule(
             name,
-            optimizer=lambda fmt, lr: optax.chain(
-                optax.scale_by_adam(), optax.scale(-ulp_steps), scale_by_ulp(fmt)
+            optimizer=lambda fmt, config: optax.chain(
+                optax.scale_by_adam(), _ulp_scale(config, ulp_steps), scale_by_ulp(fmt)
             ),
             storage=lambda fmt: low_precision_storage(fmt, "nearest"),
         )
     return UpdateRule(name, storage=lambda fmt: low_precision_storage(fmt, name))
+
+
+def _ulp_scale(config: TrainConfig, ulp_steps: float) -> optax.GradientTransformation:
+    """``-ulp_steps`` grid steps, following the schedule's shape (its value over the peak)."""
+    rate = learning_rate(config)
+    if not callable(rate):
+        return optax.scale(-ulp_steps)
+    return optax.scale_by_schedule(lambda count: -ulp_steps * rate(count) / config.learning_rate)
+
+
+def extra_state_bytes(state: Any, num_params: int) -> float:
+    """Bytes per parameter the storage rule keeps besides the stored weights: its per-entry
+    arrays (the compensated residual, the master copy), from a (batched) :class:`RunState`."""
+    storage = state.storage_state
+    if not storage:
+        return 0.0
+    batch = jax.tree_util.tree_leaves(state.params)[0].shape[0]
+    arrays = jax.tree_util.tree_leaves((storage.residual, storage.master))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in arrays) / batch / num_params
 
 
 # --- Configuration -----------------------------------------------------------------------------
@@ -195,14 +269,28 @@ class SweepConfig:
     ``metadata["help"]``; ``--help`` of ``altgrad-jax sweep`` lists them with their defaults.
     """
 
-    formats: tuple[str, ...] = _option(DEFAULT_FORMATS, "formats to run, each under every rule")
+    formats: tuple[str, ...] = _option(
+        DEFAULT_FORMATS,
+        "formats to run, each under every rule (also the block formats MXFP8_E4M3, MXFP4, "
+        "NVFP4: activations, weights and gradients of every dense layer blocked, weights "
+        "stored in it)",
+    )
     rules: tuple[str, ...] = _option(DEFAULT_RULES, f"update rules, from {', '.join(RULE_NAMES)}")
     baseline: bool = _option(
-        True, "train a float32 run (nothing quantized) for reference", flag="--no-baseline"
+        True, "train float32 runs (nothing quantized) for reference", flag="--no-baseline"
     )
-    steps: int = _option(300, "train steps per run")
+    seeds: int = _option(3, "seeds per (format, rule) cell, batched in one program")
+    seed: int = _option(
+        0, "first seed (initialisation and batch order); the cells use seed .. seed+seeds-1",
+        check=check_int,
+    )
     eval_every: int = _option(50, "steps between validation losses (one compiled chunk)")
-    seed: int = _option(0, "parameter initialisation and batch order (every run)", check=check_int)
+    grad_format: str = _option(
+        "auto",
+        "format of the output gradients: auto (E5M2 for an E4M3 run, the FP8 pair; else the "
+        "forward format), same (the forward format), or a format name",
+        check=_check_grad_format,
+    )
     ulp_steps: float = _option(1.0, "grid steps per unit of Adam's direction for the 'ulp' rule")
     diverge_loss: float | None = _option(
         None,
@@ -229,6 +317,14 @@ class SweepConfig:
         if not self.baseline and not (self.formats and self.rules):
             raise ValueError("nothing to run: no baseline and no format/rule pairs")
 
+    @property
+    def steps(self) -> int:
+        return self.train.steps
+
+    @property
+    def seed_list(self) -> tuple[int, ...]:
+        return tuple(range(self.seed, self.seed + self.seeds))
+
     def model_config(self, vocab_size: int) -> ModelConfig:
         return self.model.config(vocab_size)
 
@@ -247,10 +343,14 @@ class SweepConfig:
             )
         return build_config({paths[name]: value for name, value in values.items()}, cls)
 
-    def runs(self) -> list[tuple[str | None, str]]:
-        """``(format, rule)`` pairs in run order: the baseline first, then rule by rule."""
+    def cells(self) -> list[tuple[str | None, str]]:
+        """``(format, rule)`` cells in run order: the baseline first, then rule by rule."""
         pairs: list[tuple[str | None, str]] = [(None, BASELINE)] if self.baseline else []
         return pairs + [(fmt, rule) for rule in self.rules for fmt in self.formats]
+
+    def runs(self) -> list[tuple[str | None, str, int]]:
+        """``(format, rule, seed)`` of every run, cell by cell."""
+        return [(fmt, rule, seed) for fmt, rule in self.cells() for seed in self.seed_list]
 
 
 class ConfigOption(NamedTuple):
@@ -328,14 +428,15 @@ def build_config(
 # --- Results -------------------------------------------------------------------------------------
 
 ROLES: tuple[str, ...] = ("weights", "activations", "gradients")
-CsvLayout = Literal["column", "per_role", "json_only"]
+CsvLayout = Literal["column", "per_role", "per_layer", "json_only"]
 
 
 def _result(doc: str, csv: CsvLayout = "column") -> dict[str, str]:
     """A result field's metadata: ``doc`` documents it in ``results.json``; ``csv`` its columns.
 
     "column": one CSV column; "per_role": a dict over :data:`ROLES`, one column per role named
-    ``<field>_<role>``; "json_only": curves and histograms, in ``results.json`` only.
+    ``<field>_<role>``; "per_layer": the same over :data:`LAYER_GROUPS`; "json_only": curves and
+    histograms, in ``results.json`` only.
     """
     return {"doc": doc, "csv": csv}
 
@@ -353,6 +454,10 @@ class RunResult:
         metadata=_result(
             "update rule: float32, or the weight storage rule (nearest, stochastic, ...)"
         )
+    )
+    seed: int = field(metadata=_result("seed of the initialisation and the batch order"))
+    grad_format: str | None = field(
+        metadata=_result("format of the output gradients (null for the baseline)")
     )
     status: str = field(
         metadata=_result(
@@ -386,6 +491,19 @@ class RunResult:
     final_stall_rate: float | None = field(
         metadata=_result("stall_rate over the last fifth of the steps")
     )
+    layer_stall: dict[str, float | None] = field(
+        metadata=_result(
+            "per layer group (embedding, attention, mlp, head, norm): stalled over counted "
+            "entries over the run",
+            "per_layer",
+        )
+    )
+    unmeasured: str | None = field(
+        metadata=_result(
+            "why stall, flip and the histogram are null for a quantized run (block formats), "
+            "else null"
+        )
+    )
     flip_rate: float | None = field(
         metadata=_result("mean over steps of the fraction of stored weights that changed")
     )
@@ -415,13 +533,12 @@ class RunResult:
         )
     )
     wall_time_s: float = field(
-        metadata=_result("seconds the run trained and evaluated, compilation excluded")
+        metadata=_result(
+            "its share of the seconds its batch trained and evaluated, compilation excluded"
+        )
     )
     compile_time_s: float = field(
-        metadata=_result(
-            "seconds spent compiling programs this run was the first to need (the first format "
-            "of each rule compiles for all of them)"
-        )
+        metadata=_result("its share of the seconds its batch's programs took to compile")
     )
     eval_steps: list[int] = field(
         metadata=_result("steps at which the validation loss was measured", "json_only")
@@ -449,6 +566,70 @@ def _meta(doc: str) -> dict[str, str]:
 
 
 @dataclasses.dataclass
+class CellResult:
+    """One (format, rule) cell over its seeds: means and 95% Student-t intervals.
+
+    Each statistic is a :class:`~altgrad_jax.experiments.stats.Interval` over the seeds that
+    measured it (``n``); a diverged seed has no final loss, so it is counted in ``diverged``
+    and left out of the loss intervals.
+    """
+
+    format: str | None = field(metadata=_meta("format name, null for the float32 baseline"))
+    rule: str = field(metadata=_meta("update rule"))
+    grad_format: str | None = field(metadata=_meta("format of the output gradients"))
+    seeds: int = field(metadata=_meta("seeds run"))
+    diverged: int = field(metadata=_meta("seeds that diverged"))
+    extra_state_bytes: float = field(
+        metadata=_meta(
+            "bytes per parameter the rule keeps besides the stored weights (compensated's "
+            "residual, master's float32 copy: 4; nearest, stochastic: 0)"
+        )
+    )
+    final_val_loss: stats.Interval = field(metadata=_meta("final validation loss"))
+    best_val_loss: stats.Interval = field(metadata=_meta("best validation loss"))
+    stall_rate: stats.Interval = field(metadata=_meta("stall rate over the run"))
+    final_stall_rate: stats.Interval = field(metadata=_meta("stall rate, last fifth of steps"))
+    flip_rate: stats.Interval = field(metadata=_meta("flip rate over the run"))
+    landed_ratio: stats.Interval = field(metadata=_meta("landed ratio over the run"))
+    layer_stall: dict[str, stats.Interval] = field(
+        metadata=_meta("stall rate per layer group")
+    )
+    unmeasured: str | None = field(metadata=_meta("why stall is not measured, if it is not"))
+
+    @property
+    def label(self) -> str:
+        return self.rule if self.format is None else f"{self.format}/{self.rule}"
+
+
+def summarise_cell(runs: list[RunResult], extra_bytes: float) -> CellResult:
+    """The :class:`CellResult` of the seeds ``runs`` of one cell."""
+    first = runs[0]
+
+    def over(name: str) -> stats.Interval:
+        return stats.interval([getattr(run, name) for run in runs])
+
+    return CellResult(
+        format=first.format,
+        rule=first.rule,
+        grad_format=first.grad_format,
+        seeds=len(runs),
+        diverged=sum(run.status == "diverged" for run in runs),
+        extra_state_bytes=extra_bytes,
+        final_val_loss=over("final_val_loss"),
+        best_val_loss=over("best_val_loss"),
+        stall_rate=over("stall_rate"),
+        final_stall_rate=over("final_stall_rate"),
+        flip_rate=over("flip_rate"),
+        landed_ratio=over("landed_ratio"),
+        layer_stall={
+            group: stats.interval([run.layer_stall[group] for run in runs])
+            for group in LAYER_GROUPS
+        },
+        unmeasured=first.unmeasured,
+    )
+
+
+@dataclasses.dataclass
 class SweepResult:
     """A sweep, finished or so far: its runs and how it ran (``metadata["doc"]`` per field)."""
 
@@ -459,12 +640,14 @@ class SweepResult:
     vocab_size: int = field(metadata=_meta("characters in the vocabulary"))
     num_params: int = field(metadata=_meta("parameters of the model"))
     runs: list[RunResult] = field(metadata=_meta("the runs finished so far, in run order"))
+    cells: list[CellResult] = field(metadata=_meta("per (format, rule): seed statistics"))
     compilations: dict[str, int] = field(
         metadata=_meta(
-            "compiled programs per rule (init, train chunk, tail chunk, evaluation); one set "
-            "serves every format"
+            "compiled programs per rule (init, train chunk with its evaluation, tail chunk); "
+            "one set serves every format and seed of the rule (block formats add their own)"
         )
     )
+    devices: int = field(metadata=_meta("devices the batch axis was sharded over"))
     wall_time_s: float = field(
         metadata=_meta("seconds for the whole sweep so far, compilation included")
     )
@@ -511,26 +694,40 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _rate(stats: np.ndarray, part: int, whole: int) -> float | None:
-    """Summed counts ``stats[:, part] / stats[:, whole]``, None when not measured."""
-    if stats.size == 0 or not np.all(np.isfinite(stats)):
+def _rate(stats_rows: np.ndarray, part: int, whole: int) -> float | None:
+    """Summed counts ``stats_rows[:, part] / stats_rows[:, whole]``, None when not measured."""
+    if stats_rows.size == 0 or not np.all(np.isfinite(stats_rows)):
         return None
-    total = float(stats[:, whole].sum())
-    return float(stats[:, part].sum()) / total if total > 0 else 0.0
+    total = float(stats_rows[:, whole].sum())
+    return float(stats_rows[:, part].sum()) / total if total > 0 else 0.0
+
+
+_UNMEASURED = (
+    "stall, flips and the |u|/ulp histogram are not measured for block formats: the stall "
+    "monitor (optim.monitor_stall) has no block grid yet"
+)
+
+
+class Member(NamedTuple):
+    """One run of a batch: its format (None for the baseline), gradient format and seed."""
+
+    format: str | None
+    grad_format: str | None
+    seed: int
 
 
 def _summarise(
-    fmt: str | None,
+    member: Member,
     rule: UpdateRule,
-    metrics: list[dict[str, np.ndarray]],
+    rows: dict[str, np.ndarray],
     eval_steps: list[int],
     val_losses: list[float],
     diverged_step: int | None,
+    steps_run: int,
     wall: float,
     compile_time: float,
 ) -> RunResult:
-    rows = {key: np.concatenate([m[key] for m in metrics]) for key in metrics[0]}
-    steps_run = len(rows["loss"])
+    """The :class:`RunResult` of one member from its per-step ``rows`` (all steps it ran)."""
     if diverged_step is not None:
         # Statistics cover the steps before the divergence.
         rows = {key: value[: diverged_step - 1] for key, value in rows.items()}
@@ -538,11 +735,15 @@ def _summarise(
     best_val, best_step = min(finite_vals) if finite_vals else (None, None)
     final_val = _finite_or_none(val_losses[-1]) if val_losses and diverged_step is None else None
     stall, flips = rows["stall_rate"], rows["flip_rate"]
-    measured = rule.quantized and len(stall) > 0
+    quantized = rule.quantized and len(stall) > 0
+    measured = quantized and member.format is not None and monitored(get_format(member.format))
     tail = stall[-max(len(stall) // 5, 1) :] if measured else stall
+    layers = rows["layer_stall"].sum(axis=0) if measured else None
     return RunResult(
-        format=fmt,
+        format=member.format,
         rule=rule.name,
+        seed=member.seed,
+        grad_format=member.grad_format,
         status="diverged" if diverged_step is not None else "ok",
         diverged_step=diverged_step,
         steps_run=steps_run,
@@ -552,10 +753,17 @@ def _summarise(
         final_train_loss=_finite_or_none(rows["loss"][-1]) if len(rows["loss"]) else None,
         stall_rate=float(stall.mean()) if measured else None,
         final_stall_rate=float(tail.mean()) if measured else None,
+        layer_stall={
+            group: (float(layers[i, 0] / layers[i, 1]) if layers[i, 1] > 0 else None)
+            if layers is not None
+            else None
+            for i, group in enumerate(LAYER_GROUPS)
+        },
+        unmeasured=_UNMEASURED if quantized and not measured else None,
         flip_rate=float(flips.mean()) if measured else None,
-        landed_ratio=_finite_or_none(rows["landed_ratio"][-1]) if measured else None,
-        saturation={role: _rate(rows[role], 3, 0) if measured else None for role in ROLES},
-        underflow={role: _rate(rows[role], 2, 1) if measured else None for role in ROLES},
+        landed_ratio=_finite_or_none(rows["landed_ratio"][-1]) if quantized else None,
+        saturation={role: _rate(rows[role], 3, 0) if quantized else None for role in ROLES},
+        underflow={role: _rate(rows[role], 2, 1) if quantized else None for role in ROLES},
         update_ulp_hist=dict(
             zip(
                 HISTOGRAM_LABELS,
@@ -573,29 +781,218 @@ def _summarise(
     )
 
 
-def _first_bad_step(metrics: dict[str, np.ndarray], threshold: float) -> int | None:
+def _first_bad_steps(metrics: dict[str, np.ndarray], threshold: float) -> list[int | None]:
+    """Per member (leading axis), the 0-based index of its first bad step in the chunk."""
     bad = ~metrics["finite"].astype(bool) | ~(metrics["loss"] <= threshold)
-    return int(np.argmax(bad)) if bad.any() else None
+    return [int(np.argmax(row)) if row.any() else None for row in bad]
+
+
+class Batch(NamedTuple):
+    """Runs sharing one compiled program: a rule, and a static format (block formats) or None
+    (formats traced, so every per-tensor format and the baseline's placeholder share it)."""
+
+    rule: str
+    static_format: str | None
+    members: list[Member]
+
+
+def batches(config: SweepConfig) -> list[Batch]:
+    """The batches of ``config`` in run order: the baseline, then each rule's traced formats
+    followed by its block formats one by one; every batch holds all seeds."""
+    seeds = config.seed_list
+
+    def members(names: tuple[str, ...]) -> list[Member]:
+        return [
+            Member(name, grad_format_for(name, config.grad_format), seed)
+            for name in names
+            for seed in seeds
+        ]
+
+    traced = tuple(f for f in config.formats if not isinstance(get_format(f), BlockFormat))
+    blocks = tuple(f for f in config.formats if isinstance(get_format(f), BlockFormat))
+    out = [Batch(BASELINE, None, [Member(None, None, s) for s in seeds])] if config.baseline else []
+    for rule in config.rules:
+        if traced:
+            out.append(Batch(rule, None, members(traced)))
+        out += [Batch(rule, name, members((name,))) for name in blocks]
+    return out
+
+
+def _stack(trees: list[Any]) -> Any:
+    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def _traced(name: str) -> FormatParams:
+    return format_params(get_format(name)).as_arrays()
+
+
+def _member_formats(batch: Batch) -> Any:
+    """The per-member format arguments: stacked traced formats, or () for a static batch."""
+    if batch.static_format is not None:
+        return ()
+    # The baseline quantizes nothing; E4M3 only fills the argument.
+    return (
+        _stack([_traced(m.format or "E4M3") for m in batch.members]),
+        _stack([_traced(m.grad_format or "E4M3") for m in batch.members]),
+    )
 
 
 def _programs(
-    model: CharTransformer, rule: UpdateRule, config: SweepConfig, chunk_len: int
+    model: CharTransformer,
+    rule: UpdateRule,
+    config: SweepConfig,
+    chunk_len: int,
+    static_format: str | None,
+    mesh: Mesh,
 ) -> dict[str, CompiledProgram]:
-    """The programs of one rule, each compiled on first use and shared by all its formats."""
+    """The programs of one batch, each mapped over its members and compiled on first use.
+
+    ``fmts`` is the pair of traced (forward, gradient) formats, or () when the format is static.
+    """
     train = config.train
-    tail_len = config.steps % chunk_len or 1
-    return {
-        "init": CompiledProgram(lambda f: init_state(model, rule, train, f, config.seed)),
-        "train_chunk": CompiledProgram(make_train_chunk(model, rule, train, chunk_len)),
-        "tail_chunk": CompiledProgram(make_train_chunk(model, rule, train, tail_len)),
-        "evaluate": CompiledProgram(
-            lambda p, q, f, x, y: evaluate(model, rule, p, f, x, y, quant_state=q)
+    static = None
+    if static_format is not None:
+        static = (get_format(static_format), get_format(grad_format_for(static_format, "auto")))
+
+    def formats(fmts: Any) -> tuple[Any, Any]:
+        return static if static is not None else fmts
+
+    def init(fmts, seed):
+        fmt, grad_fmt = formats(fmts)
+        return init_state(model, rule, train, fmt, seed, grad_fmt)
+
+    def chunk_then_eval(chunk):
+        def run(state, fmts, tokens, val_inputs, val_targets):
+            fmt, grad_fmt = formats(fmts)
+            state, metrics = chunk(state, fmt, tokens, grad_fmt)
+            loss = evaluate(
+                model, rule, state.params, fmt, val_inputs, val_targets,
+                quant_state=state.quant_state, grad_fmt=grad_fmt,
+            )  # fmt: skip
+            return state, metrics, loss
+
+        return _map_members(run, mesh, shared=3)
+
+    tail_len = config.steps % chunk_len or chunk_len
+    programs = {
+        "init": CompiledProgram(_map_members(init, mesh, shared=0)),
+        "train_chunk": CompiledProgram(
+            chunk_then_eval(make_train_chunk(model, rule, train, chunk_len))
         ),
     }
+    if tail_len != chunk_len:
+        programs["tail_chunk"] = CompiledProgram(
+            chunk_then_eval(make_train_chunk(model, rule, train, tail_len))
+        )
+    return programs
 
 
-def _compile_time(programs: dict[str, dict[str, CompiledProgram]]) -> float:
-    return sum(p.compile_time_s for rule in programs.values() for p in rule.values())
+def _map_members(fn: Callable[..., Any], mesh: Mesh, shared: int) -> Callable[..., Any]:
+    """``fn`` over the leading (member) axis of all but its last ``shared`` arguments.
+
+    The members are sharded over the mesh's "batch" axis and each device runs its own one after
+    another (``lax.map``), so a member's numbers do not depend on how many share its device.
+    """
+    batch, replicated = PartitionSpec("batch"), PartitionSpec()
+
+    def local(*args):
+        split = len(args) - shared
+        return jax.lax.map(lambda xs: fn(*xs, *args[split:]), args[:split])
+
+    def mapped(*args):
+        specs = (batch,) * (len(args) - shared) + (replicated,) * shared
+        # check_vma off: the storage rules branch (lax.cond) on replicated and per-member values.
+        sharded = jax.shard_map(
+            local, mesh=mesh, in_specs=specs, out_specs=batch, check_vma=False
+        )
+        return sharded(*args)
+
+    return mapped
+
+
+def _compile_time(programs: dict[str, CompiledProgram]) -> float:
+    return sum(p.compile_time_s for p in programs.values())
+
+
+def batch_mesh() -> Mesh:
+    """A one-axis ("batch") mesh over every device JAX sees (all hosts' after
+    ``jax.distributed.initialize()``)."""
+    return Mesh(np.array(jax.devices()), ("batch",))
+
+
+def _padded(members: list[Member], devices: int) -> list[Member]:
+    """``members`` with the last repeated up to a multiple of ``devices`` (results dropped)."""
+    return members + [members[-1]] * (-len(members) % devices)
+
+
+def _run_batch(
+    batch: Batch,
+    programs: dict[str, CompiledProgram],
+    rule: UpdateRule,
+    config: SweepConfig,
+    data: tuple[jax.Array, jax.Array, jax.Array],
+    mesh: Mesh,
+    threshold: float,
+    progress: Callable[[int, str], Any] | None,
+) -> tuple[list[RunResult], float]:
+    """Trains every member of ``batch`` together; returns their results and the rule's
+    extra state bytes per parameter."""
+    start, compile_start = time.perf_counter(), _compile_time(programs)
+    members = _padded(batch.members, mesh.size)
+    shard = NamedSharding(mesh, PartitionSpec("batch"))
+    padded = batch._replace(members=members)
+    fmts = jax.device_put(_member_formats(padded), shard)
+    seeds = jax.device_put(jnp.asarray([m.seed for m in members], jnp.int32), shard)
+    state = programs["init"](fmts, seeds)
+    num_params = sum(leaf[0].size for leaf in jax.tree_util.tree_leaves(state.params))
+    extra = extra_state_bytes(state, num_params)
+    chunk_len = min(config.eval_every, config.steps)
+    label = batch.rule if batch.static_format is None else f"{batch.static_format}/{batch.rule}"
+    chunks: list[dict[str, np.ndarray]] = []
+    losses: list[np.ndarray] = []
+    ends: list[int] = []
+    first_bad: list[int | None] = [None] * len(members)
+    done = 0
+    while done < config.steps:
+        name = "train_chunk" if config.steps - done >= chunk_len else "tail_chunk"
+        state, metrics, loss = programs[name](state, fmts, *data)
+        metrics, loss = jax.device_get((metrics, loss))
+        n = metrics["loss"].shape[1]
+        for i, bad in enumerate(_first_bad_steps(metrics, threshold)):
+            if first_bad[i] is None and bad is not None:
+                first_bad[i] = done + bad
+        chunks.append(metrics)
+        losses.append(loss)
+        done += n
+        ends.append(done)
+        if progress is not None:
+            progress(n * len(batch.members), label)
+        if all(bad is not None for bad in first_bad):
+            break
+    compile_time = _compile_time(programs) - compile_start
+    wall = time.perf_counter() - start - compile_time
+    count = len(batch.members)
+    results = []
+    for i, member in enumerate(batch.members):
+        rows = {key: np.concatenate([c[key][i] for c in chunks]) for key in chunks[0]}
+        bad = first_bad[i]
+        # A member is evaluated after each chunk it finished without diverging.
+        kept = [k for k, end in enumerate(ends) if bad is None or end <= bad]
+        steps_run = done if bad is None else next(end for end in ends if end > bad)
+        results.append(
+            _summarise(
+                member,
+                rule,
+                {key: value[:steps_run] for key, value in rows.items()},
+                [ends[k] for k in kept],
+                [float(losses[k][i]) for k in kept],
+                None if bad is None else bad + 1,
+                steps_run,
+                wall / count,
+                compile_time / count,
+            )
+        )
+    return results, extra
 
 
 def run_sweep(
@@ -603,21 +1000,23 @@ def run_sweep(
     corpus: CharCorpus,
     progress: Callable[[int, str], Any] | None = None,
     on_run: Callable[[SweepResult], Any] | None = None,
+    mesh: Mesh | None = None,
 ) -> SweepResult:
-    """Trains every ``(format, rule)`` pair of ``config`` on ``corpus``.
+    """Trains every ``(format, rule, seed)`` run of ``config`` on ``corpus``, batch by batch.
 
     Args:
       config: the sweep.
       corpus: train / validation tokens (see :mod:`altgrad_jax.experiments.data`).
-      progress: called as ``progress(steps_done, label)`` after each chunk, e.g. to move a bar.
-      on_run: called with the sweep so far after each run, e.g. to write the results of every
-        finished run, so that an interrupted sweep keeps them.
+      progress: called as ``progress(run_steps_done, label)`` after each chunk of a batch.
+      on_run: called with the sweep so far after each batch (a rule's runs), e.g. to write the
+        results of every finished run, so that an interrupted sweep keeps them.
+      mesh: the devices to shard each batch over (default :func:`batch_mesh`: all of them).
 
     Returns:
-      A :class:`SweepResult`; ``compilations`` counts the compiled programs per rule (one train
-      chunk per chunk length and one evaluation serve every format of a rule).
+      A :class:`SweepResult`; ``compilations`` counts the compiled programs per rule.
     """
     start = time.perf_counter()
+    mesh = batch_mesh() if mesh is None else mesh
     model = CharTransformer(config.model_config(corpus.vocab_size))
     context = model.config.context
     if min(len(corpus.train), len(corpus.val)) <= context + 1:
@@ -625,12 +1024,14 @@ def run_sweep(
             f"corpus {corpus.name!r} is too short for context {context}: "
             f"{len(corpus.train)} train / {len(corpus.val)} validation characters"
         )
-    tokens = jnp.asarray(corpus.train)
-    val_inputs, val_targets = (
-        jnp.asarray(a)
-        for a in validation_batches(
-            corpus.val, config.train.batch_size, context, config.train.eval_batches
-        )
+    data = (
+        jnp.asarray(corpus.train),
+        *(
+            jnp.asarray(a)
+            for a in validation_batches(
+                corpus.val, config.train.batch_size, context, config.train.eval_batches
+            )
+        ),
     )
     threshold = (
         config.diverge_loss
@@ -638,53 +1039,27 @@ def run_sweep(
         else 2 * math.log(max(corpus.vocab_size, 2))
     )
     chunk_len = min(config.eval_every, config.steps)
-    programs: dict[str, dict[str, CompiledProgram]] = {}
-    result = SweepResult(config, corpus.name, corpus.vocab_size, 0, [], {}, 0.0, 0.0)
-    for fmt_name, rule_name in config.runs():
-        rule = get_update_rule(rule_name, config.ulp_steps)
-        if rule_name not in programs:
-            programs[rule_name] = _programs(model, rule, config, chunk_len)
-        program = programs[rule_name]
-        fmt = format_params(get_format(fmt_name or "E4M3")).as_arrays()
-        run_start, compile_start = time.perf_counter(), _compile_time(programs)
-        state = program["init"](fmt)
-        result.num_params = sum(leaf.size for leaf in jax.tree_util.tree_leaves(state.params))
-        label = fmt_name + "/" + rule_name if fmt_name else rule_name
-        metrics, eval_steps, val_losses = [], [], []
-        done, diverged = 0, None
-        while done < config.steps:
-            full = config.steps - done >= chunk_len
-            state, chunk_metrics = program["train_chunk" if full else "tail_chunk"](
-                state, fmt, tokens
-            )
-            chunk_metrics = jax.device_get(chunk_metrics)
-            metrics.append(chunk_metrics)
-            bad = _first_bad_step(chunk_metrics, threshold)
-            n = len(chunk_metrics["loss"])
-            if progress is not None:
-                progress(n if bad is None else config.steps - done, label)
-            if bad is not None:
-                diverged = done + bad + 1
-                done += n
-                break
-            done += n
-            eval_steps.append(done)
-            loss = program["evaluate"](
-                state.params, state.quant_state, fmt, val_inputs, val_targets
-            )
-            val_losses.append(float(loss))
-        compile_time = _compile_time(programs) - compile_start
-        wall = time.perf_counter() - run_start - compile_time
-        result.runs.append(
-            _summarise(
-                fmt_name, rule, metrics, eval_steps, val_losses, diverged, wall, compile_time
-            )
-        )
-        result.compilations = {
-            name: sum(p.compilations for p in fns.values()) for name, fns in programs.items()
-        }
+    result = SweepResult(config, corpus.name, corpus.vocab_size, 0, [], [], {}, mesh.size, 0, 0)
+    compile_total = 0.0
+    for batch in batches(config):
+        rule = get_update_rule(batch.rule, config.ulp_steps)
+        programs = _programs(model, rule, config, chunk_len, batch.static_format, mesh)
+        runs, extra = _run_batch(batch, programs, rule, config, data, mesh, threshold, progress)
+        result.runs += runs
+        for fmt in dict.fromkeys(m.format for m in batch.members):
+            result.cells.append(summarise_cell([r for r in runs if r.format == fmt], extra))
+        result.num_params = _num_params(model)
+        compiled = sum(p.compilations for p in programs.values())
+        result.compilations[batch.rule] = result.compilations.get(batch.rule, 0) + compiled
+        compile_total += _compile_time(programs)
         result.wall_time_s = time.perf_counter() - start
-        result.compile_time_s = _compile_time(programs)
+        result.compile_time_s = compile_total
         if on_run is not None:
             on_run(result)
     return result
+
+
+def _num_params(model: CharTransformer) -> int:
+    dummy = jnp.zeros((1, model.config.context), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"]
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(shapes))
