@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from altgrad_jax.formats import format_table
@@ -53,11 +53,16 @@ def _converter(option: ConfigOption) -> Callable[[str], Any]:
     return convert
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per leaf field of :class:`SweepConfig`: its flag, help and default."""
+def _add_config_arguments(
+    parser: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None
+) -> None:
+    """One flag per leaf field of :class:`SweepConfig`: its flag, help and default (replaced
+    by ``defaults``' value for the fields it names)."""
     from altgrad_jax.experiments.sweep import config_options
 
     for option in config_options():
+        if defaults and option.name in defaults:
+            option = option._replace(default=defaults[option.name])
         dest = ".".join(option.path)
         if option.type is bool:
             action = "store_false" if option.default else "store_true"
@@ -102,7 +107,7 @@ def _config_from_args(args: argparse.Namespace):
     return build_config(values)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(defaults: Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Simulated low-bit float training and bit-stall.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     commands.add_parser("formats", help="print the table of registered formats")
@@ -113,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
         "a table, results.json/csv, plots and report.md to the output folder. results.json and "
         "results.csv are rewritten after every run, so an interrupted sweep keeps what it did.",
     )
-    _add_config_arguments(sweep)
+    _add_config_arguments(sweep, defaults)
     data = sweep.add_mutually_exclusive_group()
     data.add_argument("--text", metavar="PATH", help="train on this UTF-8 text file instead")
     data.add_argument(
@@ -121,9 +126,25 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the tiny synthetic Markov-chain text (for quick checks)",
     )
+    sweep.add_argument(
+        "--full",
+        action="store_true",
+        help="the complete grid: every 8-bit format, BF16 and FP16 under every rule, 300 steps "
+        "of the larger model (other flags still override it)",
+    )
     sweep.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Parses ``argv``; with ``--full`` the defaults become :data:`FULL_GRID`'s values."""
+    args = _parser().parse_args(argv)
+    if getattr(args, "full", False):
+        from altgrad_jax.experiments.sweep import FULL_GRID
+
+        args = _parser(FULL_GRID).parse_args(argv)
+    return args
 
 
 def _sweep_inputs(args: argparse.Namespace):
@@ -158,7 +179,7 @@ def _sweep(args: argparse.Namespace, config, corpus) -> None:
         except ImportError:  # tqdm comes with the "experiments" extra
             tqdm = None
         if tqdm is not None:
-            total = len(config.runs()) * config.steps
+            total = len(config.runs()) * config.steps  # run steps
             bar = tqdm(total=total, unit="step", desc="sweep", file=sys.stderr)
 
     def progress(steps: int, label: str) -> None:
@@ -186,7 +207,7 @@ def _sweep(args: argparse.Namespace, config, corpus) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``altgrad-jax`` console script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = _parser().parse_args(argv or ["sweep"])
+    args = _parse(argv or ["sweep"])
     if args.command == "formats":
         print(format_table())
         return 0

@@ -281,7 +281,8 @@ class SweepConfig:
     )
     seeds: int = _option(3, "seeds per (format, rule) cell, batched in one program")
     seed: int = _option(
-        0, "first seed (initialisation and batch order); the cells use seed .. seed+seeds-1",
+        0,
+        "first seed (initialisation and batch order); the cells use seed .. seed+seeds-1",
         check=check_int,
     )
     eval_every: int = _option(50, "steps between validation losses (one compiled chunk)")
@@ -591,9 +592,7 @@ class CellResult:
     final_stall_rate: stats.Interval = field(metadata=_meta("stall rate, last fifth of steps"))
     flip_rate: stats.Interval = field(metadata=_meta("flip rate over the run"))
     landed_ratio: stats.Interval = field(metadata=_meta("landed ratio over the run"))
-    layer_stall: dict[str, stats.Interval] = field(
-        metadata=_meta("stall rate per layer group")
-    )
+    layer_stall: dict[str, stats.Interval] = field(metadata=_meta("stall rate per layer group"))
     unmeasured: str | None = field(metadata=_meta("why stall is not measured, if it is not"))
 
     @property
@@ -902,9 +901,7 @@ def _map_members(fn: Callable[..., Any], mesh: Mesh, shared: int) -> Callable[..
     def mapped(*args):
         specs = (batch,) * (len(args) - shared) + (replicated,) * shared
         # check_vma off: the storage rules branch (lax.cond) on replicated and per-member values.
-        sharded = jax.shard_map(
-            local, mesh=mesh, in_specs=specs, out_specs=batch, check_vma=False
-        )
+        sharded = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=batch, check_vma=False)
         return sharded(*args)
 
     return mapped

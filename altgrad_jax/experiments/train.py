@@ -118,7 +118,10 @@ class TrainConfig:
     )
     warmup_fraction: float = dataclasses.field(
         default=0.1,
-        metadata={"help": "fraction of the steps spent warming up (cosine)", "check": _check_fraction},
+        metadata={
+            "help": "fraction of the steps spent warming up (cosine)",
+            "check": _check_fraction,
+        },
     )
     min_lr_fraction: float = dataclasses.field(
         default=0.1,

@@ -8,7 +8,9 @@ import json
 
 import pytest
 
+from altgrad_jax.experiments.model import LAYER_GROUPS
 from altgrad_jax.experiments.report import (
+    CELL_FIELDS,
     META_FIELDS,
     RUN_FIELDS,
     STALL_MEANING,
@@ -17,7 +19,14 @@ from altgrad_jax.experiments.report import (
     format_table,
     write_results,
 )
-from altgrad_jax.experiments.sweep import ROLES, RunResult, SweepConfig, SweepResult
+from altgrad_jax.experiments.sweep import (
+    ROLES,
+    RunResult,
+    SweepConfig,
+    SweepResult,
+    summarise_cell,
+)
+from altgrad_jax.experiments.train import TrainConfig
 from altgrad_jax.optim import HISTOGRAM_LABELS
 
 
@@ -26,6 +35,8 @@ def _run(fmt: str | None, rule: str, loss: float) -> RunResult:
     return RunResult(
         format=fmt,
         rule=rule,
+        seed=0,
+        grad_format=fmt,
         status="ok",
         diverged_step=None,
         steps_run=2,
@@ -35,6 +46,8 @@ def _run(fmt: str | None, rule: str, loss: float) -> RunResult:
         final_train_loss=loss,
         stall_rate=rate,
         final_stall_rate=rate,
+        layer_stall=dict.fromkeys(LAYER_GROUPS, rate),
+        unmeasured=None,
         flip_rate=rate,
         landed_ratio=rate,
         saturation={role: rate for role in ROLES},
@@ -52,9 +65,13 @@ def _run(fmt: str | None, rule: str, loss: float) -> RunResult:
 
 @pytest.fixture
 def result() -> SweepResult:
-    config = SweepConfig(formats=("E4M3", "E5M2"), rules=("nearest",), steps=2)
+    config = SweepConfig(
+        formats=("E4M3", "E5M2"), rules=("nearest",), seeds=1, train=TrainConfig(steps=2)
+    )
     runs = [_run(None, "float32", 2.0), _run("E4M3", "nearest", 2.5)]
-    return SweepResult(config, "text", 8, 100, runs, {"float32": 3, "nearest": 3}, 20.0, 18.0)
+    cells = [summarise_cell([run], 0.0) for run in runs]
+    compilations = {"float32": 3, "nearest": 3}
+    return SweepResult(config, "text", 8, 100, runs, cells, compilations, 1, 20.0, 18.0)
 
 
 def test_every_run_field_is_documented_by_its_metadata():
@@ -70,7 +87,8 @@ def test_csv_columns_are_the_run_fields(result, tmp_path):
         if isinstance(value, list) or field.name == "update_ulp_hist":
             continue  # curves and the histogram are in results.json only
         if isinstance(value, dict):
-            expected += [f"{field.name}_{role}" for role in ROLES]
+            keys = LAYER_GROUPS if field.name == "layer_stall" else ROLES
+            expected += [f"{field.name}_{key}" for key in keys]
         else:
             expected.append(field.name)
     assert csv_columns() == expected
@@ -87,6 +105,7 @@ def test_results_json_has_documented_fields_and_says_it_is_incomplete(result, tm
     write_results(result, tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["meta"]) == set(META_FIELDS)
+    assert [set(cell) for cell in results["cells"]] == [set(CELL_FIELDS)] * 2
     assert results["meta"]["complete"] is False  # 2 of the config's 3 runs
     assert results["meta"]["config"]["batch_size"] == 16  # flat, as before the nesting
     assert SweepConfig.from_flat(results["meta"]["config"]) == result.config
@@ -95,10 +114,12 @@ def test_results_json_has_documented_fields_and_says_it_is_incomplete(result, tm
     assert not list(tmp_path.glob(".results*"))  # no temporary file left behind
 
 
-def test_table_shows_run_and_compile_time_apart(result):
-    header, _rule, _baseline, quantized = format_table(result).splitlines()
-    assert header.split()[-4:] == ["run", "s", "compile", "s"]
-    assert quantized.split()[-2:] == ["1.5", "9.0"]
+def test_table_has_one_row_per_cell_and_states_the_seeds(result):
+    header, _rule, baseline, quantized, note = format_table(result).splitlines()
+    assert header.split()[:4] == ["format", "rule", "grad", "val"]
+    assert quantized.split()[:4] == ["E4M3", "nearest", "E4M3", "2.500"]  # one seed: no ±
+    assert baseline.split()[:2] == ["-", "float32"]
+    assert note == "(mean ± 95% Student-t interval over 1 seed)"
 
 
 def test_report_says_what_stall_means_under_each_rule(result, tmp_path):
@@ -106,7 +127,7 @@ def test_report_says_what_stall_means_under_each_rule(result, tmp_path):
 
     report = _report_md(result)
     assert STALL_MEANING in report and "Incomplete sweep" in report
-    assert "18 s compiling" in report
+    assert "18 s compiling" in report and "mean over **1 seed**" in report
     assert _stall_label("nearest") == "stall rate (updates lost)"
     assert "what nearest would lose" in _stall_label("stochastic")
 

@@ -15,17 +15,7 @@ from altgrad_jax.experiments.report import META_FIELDS, OUTPUT_FILES, RUN_FIELDS
 from altgrad_jax.experiments.sweep import ModelSize, SweepConfig, run_sweep
 from altgrad_jax.experiments.train import TrainConfig
 
-TINY = ["--context", "8", "--d-model", "8", "--heads", "2", "--layers", "1", "--batch-size", "4"]
 TINY_MODEL = ModelSize(context=8, d_model=8, n_heads=2, n_layers=1)
-
-
-@pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sweep")
-    argv = ["sweep", "--synthetic", "--steps", "7", "--eval-every", "3", *TINY]
-    argv += ["--formats", "E4M3,E5M2", "--rules", "nearest", "--out", str(out), "--no-progress"]
-    assert main(argv) == 0
-    return out
 
 
 def test_sweep_writes_every_output_file(sweep_dir):
@@ -39,32 +29,44 @@ def test_sweep_writes_every_output_file(sweep_dir):
 def test_results_json_has_the_documented_fields(sweep_dir):
     results = json.loads((sweep_dir / "results.json").read_text())
     assert set(results["meta"]) == set(META_FIELDS)
-    assert [(r["format"], r["rule"]) for r in results["runs"]] == [
-        (None, "float32"),
-        ("E4M3", "nearest"),
-        ("E5M2", "nearest"),
+    assert [(r["format"], r["rule"], r["seed"]) for r in results["runs"]] == [
+        (None, "float32", 0),
+        (None, "float32", 1),
+        ("E4M3", "nearest", 0),
+        ("E4M3", "nearest", 1),
+        ("E5M2", "nearest", 0),
+        ("E5M2", "nearest", 1),
     ]
+    assert [r["grad_format"] for r in results["runs"][2::2]] == ["E5M2", "E5M2"]  # auto
     for run in results["runs"]:
         assert set(run) == set(RUN_FIELDS)
         assert run["status"] == "ok" and run["steps_run"] == 7
         assert run["eval_steps"] == [3, 6, 7] and len(run["train_loss"]) == 7
         assert run["best_val_loss"] == min(run["val_losses"])
-    baseline, quantized = results["runs"][0], results["runs"][1]
+    baseline, quantized = results["runs"][0], results["runs"][2]
     assert baseline["stall_rate"] is None and baseline["saturation"]["weights"] is None
     assert 0 <= quantized["stall_rate"] <= 1 and len(quantized["stall_curve"]) == 7
     assert sum(quantized["update_ulp_hist"].values()) > 0
-    # One compiled init, train chunk, tail chunk and evaluation serve both formats of the rule.
-    assert results["meta"]["compilations"] == {"float32": 4, "nearest": 4}
+    assert set(quantized["layer_stall"]) == {"embedding", "attention", "mlp", "head", "norm"}
+    # One compiled init, train chunk and tail chunk (each with its evaluation) serve both
+    # formats and both seeds of the rule.
+    assert results["meta"]["compilations"] == {"float32": 3, "nearest": 3}
     with (sweep_dir / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 3 and float(rows[1]["stall_rate"]) == quantized["stall_rate"]
+    assert len(rows) == 6 and float(rows[2]["stall_rate"]) == quantized["stall_rate"]
+    cell = results["cells"][1]
+    assert (cell["format"], cell["rule"], cell["seeds"]) == ("E4M3", "nearest", 2)
+    losses = [r["final_val_loss"] for r in results["runs"][2:4]]
+    assert cell["final_val_loss"]["mean"] == pytest.approx(sum(losses) / 2)
+    assert cell["final_val_loss"]["low"] < cell["final_val_loss"]["mean"]
 
 
 def test_diverging_run_is_reported_not_raised():
     corpus = data.make_corpus(data.synthetic_text(2000), "synthetic")
     config = SweepConfig(
-        formats=(), rules=(), steps=6, eval_every=3,
-        train=TrainConfig(batch_size=4, learning_rate=1e4), model=TINY_MODEL,
+        formats=(), rules=(), eval_every=3, seeds=1,
+        train=TrainConfig(steps=6, batch_size=4, learning_rate=1e4, schedule="constant"),
+        model=TINY_MODEL,
     )  # fmt: skip
     (run,) = run_sweep(config, corpus).runs
     assert run.status == "diverged"
@@ -87,6 +89,10 @@ def test_diverging_run_is_reported_not_raised():
         (["--formats", "E4M3", "--rules", "float32"], "unknown rule 'float32'; expected one"),
         (["--out", "/dev/null/sweep"], "cannot write to output folder '/dev/null/sweep'"),
         (["--text", "/no/such/file.txt"], "cannot read text file '/no/such/file.txt'"),
+        (["--seeds", "0"], "error: --seeds must be a positive int, got 0"),
+        (["--schedule", "linear"], "unknown --schedule 'linear'; expected one of 'cosine'"),
+        (["--grad-format", "E9M9"], "--grad-format: unknown format 'E9M9'"),
+        (["--warmup-fraction", "1"], "--warmup-fraction must be a number in [0, 1), got 1.0"),
     ],
 )
 def test_bad_arguments_exit_with_one_line(args, message, capsys):
@@ -120,9 +126,9 @@ def test_formats_command_prints_the_table(capsys):
 
 
 def _parse(argv):
-    from altgrad_jax.__main__ import _config_from_args, _parser
+    from altgrad_jax.__main__ import _config_from_args, _parse
 
-    return _config_from_args(_parser().parse_args(["sweep", *argv]))
+    return _config_from_args(_parse(["sweep", *argv]))
 
 
 def test_cli_defaults_are_the_config_defaults():
@@ -147,6 +153,9 @@ def test_cli_defaults_are_the_config_defaults():
 def test_cli_flags_reach_the_config():
     config = _parse(["--lr", "0.01", "--heads", "2", "--layers", "3", "--batch-size", "8"])
     assert config.train == TrainConfig(batch_size=8, learning_rate=0.01)
+    full = _parse(["--full", "--steps", "20"])
+    assert full.formats[-2:] == ("BF16", "FP16") and "ulp" in full.rules
+    assert (full.steps, full.model.d_model) == (20, 64)
     assert (config.model.n_heads, config.model.n_layers) == (2, 3)
     config = _parse(["--no-baseline", "--formats", "e4m3,E5M2", "--rules", "nearest", "ulp"])
     assert not config.baseline and config.formats == ("E4M3", "E5M2")
@@ -184,7 +193,7 @@ def test_unwritable_out_fails_before_training(tmp_path, monkeypatch, capsys):
     assert err.startswith(f"altgrad-jax sweep: error: cannot write to output folder '{blocker}")
 
 
-def test_interrupted_sweep_keeps_the_finished_runs(tmp_path, monkeypatch, capsys):
+def test_interrupted_sweep_keeps_the_finished_runs(tmp_path, monkeypatch, capsys, tiny_args):
     """The results files are written after each run: an interrupt after the first keeps it."""
     from altgrad_jax.experiments import sweep
 
@@ -197,23 +206,37 @@ def test_interrupted_sweep_keeps_the_finished_runs(tmp_path, monkeypatch, capsys
 
         return real_run_sweep(config, corpus, progress, write_then_stop)
 
+    # The baseline batch is the first: an interrupt after it keeps its two seeds.
+
     monkeypatch.setattr(sweep, "run_sweep", interrupted)
-    argv = ["sweep", "--synthetic", "--steps", "2", "--eval-every", "2", *TINY, "--no-progress"]
+    argv = [
+        "sweep",
+        "--synthetic",
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        *tiny_args,
+        "--no-progress",
+    ]
+    argv += ["--seeds", "2"]
     assert main([*argv, "--formats", "E4M3", "--rules", "nearest", "--out", str(tmp_path)]) == 130
     assert capsys.readouterr().err.count("\n") == 1
     results = json.loads((tmp_path / "results.json").read_text())
-    assert [run["rule"] for run in results["runs"]] == ["float32"]
+    assert [run["rule"] for run in results["runs"]] == ["float32", "float32"]
     assert results["meta"]["complete"] is False
     with (tmp_path / "results.csv").open() as handle:
-        assert [row["rule"] for row in csv.DictReader(handle)] == ["float32"]
+        assert [row["rule"] for row in csv.DictReader(handle)] == ["float32", "float32"]
     assert not (tmp_path / "report.md").exists()
 
 
-def test_compile_time_is_charged_once_per_rule_apart_from_run_time(sweep_dir):
+def test_compile_time_is_shared_by_a_batch_apart_from_run_time(sweep_dir):
     results = json.loads((sweep_dir / "results.json").read_text())
-    baseline, first, second = results["runs"]
-    assert baseline["compile_time_s"] > 0 and first["compile_time_s"] > 0
-    assert second["compile_time_s"] == 0.0  # E5M2 runs E4M3's programs
+    runs = results["runs"]
+    assert runs[0]["compile_time_s"] > 0
+    # The four nearest runs share one batch's programs and its time equally.
+    assert len({run["compile_time_s"] for run in runs[2:]}) == 1
+    assert len({run["wall_time_s"] for run in runs[2:]}) == 1
     meta = results["meta"]
     assert meta["compile_time_s"] == pytest.approx(
         sum(r["compile_time_s"] for r in results["runs"])
