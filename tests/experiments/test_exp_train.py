@@ -22,7 +22,7 @@ def setup():
     corpus = data.make_corpus(data.synthetic_text(2000), "synthetic")
     model = CharTransformer(ModelConfig(corpus.vocab_size, 8, 8, 2, 1))
     rule = get_update_rule("stochastic")
-    config = TrainConfig(batch_size=4)
+    config = TrainConfig(batch_size=4, schedule="constant")  # every step moves the weights
     traced = jax.jit(chex.assert_max_traces(make_train_chunk(model, rule, config, 3), n=1))
     runs = {}
     for name in FORMATS:
