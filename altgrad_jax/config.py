@@ -6,6 +6,7 @@ gradient in the backward pass. :class:`QuantConfig` gives each role its own :cla
 hashable, so a config is a static argument of ``jax.jit`` and every choice in it is resolved while
 tracing. The defaults mirror FP8 training practice (Micikevicius et al., 2022): E4M3 forward, E5M2
 for the output gradients, current scaling with a 16-step amax history.
+:meth:`QuantConfig.flax_fp8` is ``flax.linen.fp8_ops``'s recipe, bit for bit (``scaling="flax"``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from altgrad_jax.scaling import (
     AMAX_ALGORITHMS,
     DEFAULT_MARGIN,
     DEFAULT_SCALE_MIN,
+    FLAX_MARGIN,
     SCALING_MODES,
     ScalingMode,
 )
@@ -48,19 +50,24 @@ class TensorQuant:
       format: a :class:`FloatFormat`, a registered name (resolved with ``get_format``) or
         :class:`FormatParams`.
       rounding: "nearest", "stochastic" (needs the config's RNG stream) or "toward_zero".
-      scaling: "current" (this tensor's amax enters the history before the scale is taken) or
-        "delayed" (the scale comes from earlier steps only).
+      scaling: "current" (this tensor's amax enters the history before the scale is taken),
+        "delayed" (the scale comes from earlier steps only) or "flax" (Flax's ``fp8_ops``
+        delayed scaling and float arithmetic, bit for bit: a stored scale, initially 1.0, kept
+        when the amax is zero; see :mod:`altgrad_jax.scaling` and
+        :func:`altgrad_jax.quantize.quantize_flax`).
       history_len: length of the amax window, >= 1.
-      margin: headroom factor in ``scale = amax * margin / max_value``.
+      margin: headroom factor in ``scale = amax * margin / max_value``; default 1.01, or 1.0
+        with "flax" (Flax's ``2**margin`` with margin 0).
       amax_algorithm: "max" over the window or "most_recent".
-      scale_min: floor of the scale, so an all-zero tensor never divides by zero.
+      scale_min: floor of the scale, so an all-zero tensor never divides by zero ("current"
+        and "delayed"; Flax's formula has no floor, so "flax" does not use it).
     """
 
     format: FormatLike
     rounding: Rounding = "nearest"
     scaling: ScalingMode = "current"
     history_len: int = 16
-    margin: float = DEFAULT_MARGIN
+    margin: float | None = None
     amax_algorithm: str = "max"
     scale_min: float = DEFAULT_SCALE_MIN
 
@@ -71,6 +78,9 @@ class TensorQuant:
         check_choice("scaling", self.scaling, SCALING_MODES)
         check_choice("amax_algorithm", self.amax_algorithm, AMAX_ALGORITHMS)
         check_positive_int("history_len", self.history_len)
+        if self.margin is None:
+            default = FLAX_MARGIN if self.scaling == "flax" else DEFAULT_MARGIN
+            object.__setattr__(self, "margin", default)
         check_positive_float("margin", self.margin)
         check_positive_float("scale_min", self.scale_min)
         if isinstance(self.format, BlockFormat) and self.scaling != "current":
@@ -149,6 +159,23 @@ class QuantConfig:
             return None if fmt is None else TensorQuant(fmt, **settings)
 
         return cls(role(forward), role(forward), role(backward), **own)
+
+    @classmethod
+    def flax_fp8(
+        cls,
+        forward: FormatLike | None = "E4M3",
+        backward: FormatLike | None = "E5M2",
+        history_len: int = 1024,
+        **settings,
+    ) -> QuantConfig:
+        """``flax.linen.fp8_ops.Fp8DotGeneralOp``'s recipe: same forward values, gradients and
+        scales, bit for bit.
+
+        E4M3 inputs and weights, E5M2 output gradients, ``scaling="flax"`` with Flax's 1024-step
+        window. Change ``forward`` / ``backward`` to move the model to other formats with only
+        the format changed; ``settings`` as in :meth:`uniform` (rounding, stats...).
+        """
+        return cls.uniform(forward, backward, scaling="flax", history_len=history_len, **settings)
 
     def role(self, name: str) -> TensorQuant | None:
         """The :class:`TensorQuant` of role ``name`` (one of :data:`ROLES`)."""

@@ -18,9 +18,9 @@ non-differentiable argument of the custom VJP and a traced format an ordinary pr
 cotangent is None), so one compiled train step serves every format.
 
 **State.** :class:`QuantDotState` is the one layer-state object: an amax history per quantized
-forward role, the output-gradient history (delayed scaling only) and a statistics probe. Linen and
-NNX store its fields under the same names (``inputs``, ``weights``, ``output_grads``,
-``output_grads_stats``), so checkpoints map by name between them.
+forward role, the output-gradient history (delayed and "flax" scaling only) and a statistics
+probe. Linen and NNX store its fields under the same names (``inputs``, ``weights``,
+``output_grads``, ``output_grads_stats``), so checkpoints map by name between them.
 
 Output-gradient scale ``sg``:
 
@@ -31,6 +31,11 @@ Output-gradient scale ``sg``:
   ``quant_value_and_grad`` helpers of Linen and NNX call it, so a train step returns the new state
   explicitly and optimizers never see it. A layer applied k times in one step adds k amaxes (an
   overestimate: never overflows).
+* "flax" scaling (``flax.linen.fp8_ops``) is delayed too, and its scale depends only on the
+  state from before the step (:meth:`~altgrad_jax.scaling.ScaledAmaxHistory.next_scale`), so
+  the forward pass computes it and stores it in its new state, and the backward pass uses the
+  same value; the amax comes back through the cotangent as above. Flax instead returns its
+  scales and histories as "gradients" of an ``_overwrite_with_gradient`` collection.
 
 **Statistics** are exact counts (:class:`QuantStats`) that add across layers and steps. Those of
 the output gradient leave the backward pass as the cotangent of a float32 probe, each count split
@@ -54,9 +59,10 @@ from altgrad_jax.bits import _as_f32
 from altgrad_jax.blocks import block_amax, block_scales, normalize_axes
 from altgrad_jax.config import ROLES, QuantConfig, TensorQuant
 from altgrad_jax.formats import BlockFormat, FloatFormat, FormatParams, as_params, format_params
-from altgrad_jax.quantize import quantize
+from altgrad_jax.quantize import quantize, quantize_flax
 from altgrad_jax.scaling import (
     AmaxHistory,
+    ScaledAmaxHistory,
     amax_and_finite,
     compute_scale,
     finite_amax,
@@ -250,8 +256,10 @@ class QuantDotState:
     """The state of one quantized matmul: what Linen and NNX store, under these names.
 
     Attributes:
-      inputs, weights: :class:`AmaxHistory` of the quantized forward roles (None otherwise).
-      output_grads: the output-gradient history, for delayed output-gradient scaling only.
+      inputs, weights: :class:`AmaxHistory` of the quantized forward roles (None otherwise;
+        a :class:`~altgrad_jax.scaling.ScaledAmaxHistory` with "flax" scaling).
+      output_grads: the output-gradient history, for delayed and "flax" output-gradient
+        scaling only.
       output_grads_stats: float32 probe whose cotangent is the output gradient's statistics
         (see :meth:`QuantStats.to_probe`), when the config asks for statistics.
     """
@@ -278,7 +286,7 @@ def state_names(config: QuantConfig) -> tuple[str, ...]:
     no history: their scales come from the blocks of each tensor)."""
     names = [r for r in ROLES[:2] if config.role(r) is not None and not _is_block(config.role(r))]
     grads = config.output_grads
-    if grads is not None and grads.scaling == "delayed":
+    if grads is not None and grads.scaling != "current":
         names.append("output_grads")
     if config.stats and grads is not None:
         names.append("output_grads_stats")
@@ -290,7 +298,8 @@ def initial_entry(config: QuantConfig, name: str) -> Any:
     if name == "output_grads_stats":
         return _probe_zeros()
     tq = config.role(name)
-    return AmaxHistory.create(tq.history_len, tq.amax_algorithm)
+    history = ScaledAmaxHistory if tq.scaling == "flax" else AmaxHistory
+    return history.create(tq.history_len, tq.amax_algorithm)
 
 
 def role_keys(config: QuantConfig, key: jax.Array | None) -> dict[str, jax.Array | None]:
@@ -323,7 +332,9 @@ def _quantize_operand(
     scale, new_history = scale_and_update(
         history, x, tq.format, tq.scaling, scale_min=tq.scale_min, margin=tq.margin
     )
-    q = quantize(x, tq.format, scale, rounding=tq.rounding, key=key)
+    q = (quantize_flax if tq.scaling == "flax" else quantize)(
+        x, tq.format, scale, rounding=tq.rounding, key=key
+    )
     stats = tensor_stats(x, q, as_params(tq.format), scale) if with_stats else None
     return q, new_history, stats
 
@@ -340,34 +351,38 @@ class _GradPolicy(NamedTuple):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _grad_quantizer(policy: _GradPolicy, y, traced_format, history, count, probe, key):
-    del policy, traced_format, history, count, probe, key
+def _grad_quantizer(policy: _GradPolicy, y, traced_format, history, count, scale, probe, key):
+    del policy, traced_format, history, count, scale, probe, key
     return y
 
 
-def _grad_quantizer_fwd(policy, y, traced_format, history, count, probe, key):
+def _grad_quantizer_fwd(policy, y, traced_format, history, count, scale, probe, key):
     del policy, probe
-    return y, (traced_format, history, count, key)
+    return y, (traced_format, history, count, scale, key)
 
 
 def _grad_quantizer_bwd(policy: _GradPolicy, residuals, dy):
-    traced_format, history, count, key = residuals
+    traced_format, history, count, flax_scale, key = residuals
     fmt = policy.static_format if traced_format is None else traced_format
     # The finite amax: an inf or NaN in dy stays visible in dy itself, never in the scale
     # (a non-finite amax is not recorded either; see AmaxHistory.record).
     dy_amax, finite = amax_and_finite(dy)
-    if history is None:
-        amax = finite
+    if flax_scale is not None:  # Flax's out_qdq: the forward pass took it from the window
+        scale = flax_scale
+        q_dy = quantize_flax(dy, fmt, scale, rounding=policy.rounding, key=key)
     else:
-        amax = AmaxHistory(history, count, policy.amax_algorithm).get_amax(empty=finite)
-    scale = compute_scale(amax, fmt, policy.scale_min, policy.margin)
-    q_dy = quantize(dy, fmt, scale, rounding=policy.rounding, key=key)
+        if history is None:
+            amax = finite
+        else:
+            amax = AmaxHistory(history, count, policy.amax_algorithm).get_amax(empty=finite)
+        scale = compute_scale(amax, fmt, policy.scale_min, policy.margin)
+        q_dy = quantize(dy, fmt, scale, rounding=policy.rounding, key=key)
     # The cotangents of the history and of the stats probe carry this step's amax and stats.
     history_ct = None if history is None else jnp.zeros_like(history).at[0].set(dy_amax)
     stats_ct = (
         tensor_stats(dy, q_dy, as_params(fmt), scale).to_probe() if policy.with_stats else None
     )
-    return q_dy, None, history_ct, None, stats_ct, None
+    return q_dy, None, history_ct, None, None, stats_ct, None
 
 
 _grad_quantizer.defvjp(_grad_quantizer_fwd, _grad_quantizer_bwd)
@@ -383,16 +398,23 @@ def quantize_output_grad(
     """Identity on ``y``; its cotangent ``dy`` becomes ``quantize(dy, tq.format, sg)``.
 
     ``history`` (delayed scaling) gives ``sg`` from earlier steps and receives ``max|dy|`` as its
-    cotangent; without it ``sg`` comes from ``max|dy|``. ``stats_probe`` receives the
-    :class:`QuantStats` of ``dy`` (as :meth:`QuantStats.to_probe`) as its cotangent. A traced
-    format reaches the backward pass as a primal input. ``tq=None`` returns ``y`` untouched.
+    cotangent; without it ``sg`` comes from ``max|dy|``. With "flax" scaling ``history`` is a
+    :class:`~altgrad_jax.scaling.ScaledAmaxHistory` and ``sg`` its ``next_scale``.
+    ``stats_probe`` receives the :class:`QuantStats` of ``dy`` (as :meth:`QuantStats.to_probe`)
+    as its cotangent. A traced format reaches the backward pass as a primal input. ``tq=None``
+    returns ``y`` untouched.
     """
     if tq is None:
         return y
-    if (tq.scaling == "delayed") != (history is not None):
+    if (tq.scaling != "current") != (history is not None):
         raise ValueError(
             f"output-gradient scaling {tq.scaling!r} "
             f"{'needs' if history is None else 'takes no'} history"
+        )
+    if (tq.scaling == "flax") != isinstance(history, ScaledAmaxHistory):
+        raise TypeError(
+            "output-gradient scaling 'flax' (and only it) takes a ScaledAmaxHistory, got "
+            f"{type(history).__name__} with scaling {tq.scaling!r}"
         )
     static = tq.format if isinstance(tq.format, FloatFormat) else None
     traced = None if static is not None else tq.format
@@ -400,8 +422,11 @@ def quantize_output_grad(
         static, tq.rounding, tq.margin, tq.scale_min, tq.amax_algorithm, stats_probe is not None
     )
     if history is None:
-        return _grad_quantizer(policy, y, traced, None, None, stats_probe, key)
-    return _grad_quantizer(policy, y, traced, history.history, history.count, stats_probe, key)
+        return _grad_quantizer(policy, y, traced, None, None, None, stats_probe, key)
+    scale = history.next_scale(tq.format, tq.margin) if tq.scaling == "flax" else None
+    return _grad_quantizer(
+        policy, y, traced, history.history, history.count, scale, stats_probe, key
+    )
 
 
 def quantized_contract(
@@ -430,7 +455,8 @@ def quantized_contract(
         block formats only; the library's layers pass them.
 
     Returns:
-      ``(y, new_state, stats)``: ``new_state`` has the forward histories advanced (the
+      ``(y, new_state, stats)``: ``new_state`` has the forward histories advanced and, with
+      "flax" output-gradient scaling, this step's output-gradient scale stored (the
       output-gradient entries are advanced from their cotangents by :func:`next_state`);
       ``stats`` holds the forward roles' :class:`QuantStats` when ``config.stats``.
     """
@@ -456,9 +482,13 @@ def quantized_contract(
         if role_stats is not None:
             stats[role] = role_stats
     y = contract(operands["inputs"], operands["weights"])
+    grads = config.output_grads
     y = quantize_output_grad(
-        y, config.output_grads, state.output_grads, keys["output_grads"], state.output_grads_stats
+        y, grads, state.output_grads, keys["output_grads"], state.output_grads_stats
     )
+    if grads is not None and grads.scaling == "flax":
+        scale = state.output_grads.next_scale(grads.format, grads.margin)
+        changes["output_grads"] = state.output_grads.replace(scale=scale)
     return y, dataclasses.replace(state, **changes), stats
 
 
@@ -685,10 +715,10 @@ def _block_contract(contract, lhs, rhs, config, state, keys, axes):
         if role_stats is not None:
             stats[role] = role_stats
     grads = config.output_grads
-    if grads is not None and not _is_block(grads) and grads.scaling == "delayed":
+    if grads is not None and not _is_block(grads) and grads.scaling != "current":
         raise ValueError(
             "with block formats the output gradient's per-tensor scale is current; "
-            "delayed output-gradient scaling is not supported there"
+            f"output-gradient scaling {grads.scaling!r} is not supported there"
         )
     probe = state.output_grads_stats
     policy = _BlockPolicy(

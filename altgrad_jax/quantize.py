@@ -55,7 +55,7 @@ from altgrad_jax.formats import (
     get_format,
 )
 
-__all__ = ["quantize", "random_bits"]
+__all__ = ["quantize", "quantize_flax", "random_bits"]
 
 # The input dtypes quantize computes exactly: each widens to float32 without rounding.
 _EXACT_INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -237,9 +237,7 @@ def quantize(
         _check_input(x, as_params(static.element), static.element.name)
     else:
         if axis is not None:
-            raise ValueError(
-                f"axis={axis!r} is for block formats; {fmt!r} scales the whole tensor"
-            )
+            raise ValueError(f"axis={axis!r} is for block formats; {fmt!r} scales the whole tensor")
         _check_input(x, as_params(fmt), None if traced is not None else static.name)
     concrete_scale = None if unit_scale else _check_scale(scale, x.shape)
     args = (x, None if unit_scale else scale, key, traced)
@@ -348,3 +346,42 @@ def _round_scaled(x32, scale, concrete, params, rounding, key, return_scaled: bo
     if isinstance(pred, (bool, np.bool_)) or not isinstance(pred, jax.core.Tracer):
         return (fast if bool(pred) else exact)(x32, key)
     return jax.lax.cond(pred, fast, exact, x32, key)
+
+
+def quantize_flax(
+    x: jax.Array,
+    fmt: FormatLike,
+    scale: jax.Array,
+    *,
+    rounding: Rounding = "nearest",
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """Flax's ``fp8_ops.qdq`` on any per-tensor format: ``clip(x / scale) -> round -> * scale``.
+
+    The float arithmetic of ``flax.linen.fp8_ops.quantize`` / ``dequantize``, in x's dtype (Flax
+    computes in the kernel's dtype, which ``nn.Dense`` promotes x to): Flax's division by the
+    scale broadcast to x's shape (compiled as the device compiles Flax's: XLA:CPU turns it into
+    ``x * (1 / scale)``), a clip to ``±max_value`` (so inf saturates even in formats with inf),
+    the rounding of :func:`altgrad_jax.bits.round_float32` (Flax's cast, for "nearest"; any
+    rounding here) and a float multiply back. Devices that flush float32 subnormals flush them
+    here as they do in Flax; that cannot change an FP8 result (the quotients it would flush
+    round to zero anyway) but, unlike :func:`quantize`, the result is not independent of the
+    device for formats that reach float32's subnormals. The gradient is straight through, as
+    Flax's ``in_qdq``.
+    """
+    check_choice("rounding", rounding, ROUNDING_MODES)
+    if rounding == "stochastic" and key is None:
+        raise ValueError("rounding='stochastic' needs a PRNG key: quantize_flax(..., key=key)")
+    x = jnp.asarray(x)
+    if not isinstance(fmt, FormatParams) and isinstance(get_format(fmt), BlockFormat):
+        raise ValueError(f"quantize_flax takes per-tensor formats; {fmt!r} scales its blocks")
+    params = as_params(fmt)
+    _check_input(x, params, None if isinstance(fmt, FormatParams) else get_format(fmt).name)
+    _check_scale(scale, x.shape)
+    plain = jax.lax.stop_gradient(x)
+    scale = jnp.asarray(scale).astype(x.dtype)
+    limit = jnp.asarray(params.max_value).astype(x.dtype)
+    scaled = jnp.clip(plain / jnp.broadcast_to(scale, x.shape), -limit, limit).astype(jnp.float32)
+    noise = random_bits(key, scaled.shape) if rounding == "stochastic" else None
+    rounded = round_float32(scaled, params, rounding, noise).astype(x.dtype)
+    return _straight_through(x, rounded * jnp.broadcast_to(scale, x.shape))

@@ -22,10 +22,21 @@ Both modes then scale from the tensor itself, from the largest magnitude among i
 elements (0 when it has none, which gives ``scale_min`` like an all-zero tensor): the first step
 of delayed scaling thus equals current scaling instead of clipping everything beyond 1.0, and a
 first tensor holding an inf still quantizes its finite elements normally.
+
+**Flax's recipe** (``"flax"``): the delayed scaling of ``flax.linen.fp8_ops``, bit for bit. Its
+state is a :class:`ScaledAmaxHistory`, the window plus the scale used last (1.0 at first); each
+step's scale is :func:`flax_scale` of the window from before the tensor and that scale:
+``1 / (max_value / amax)``, or the previous scale (through ``1 / (1 / scale)``, as Flax
+computes it) when the amax is zero or not finite. There is no ``scale_min`` floor and no
+fallback to the tensor: an empty window keeps the initial 1.0, as in Flax. The one difference
+from Flax is the rule above: a non-finite amax is not recorded (Flax records it, and then keeps
+its scale for the next ``history_len`` steps), so the scale follows the data again at the next
+step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import jax
@@ -45,20 +56,24 @@ __all__ = [
     "AMAX_ALGORITHMS",
     "SCALING_MODES",
     "AmaxHistory",
+    "ScaledAmaxHistory",
     "ScalingMode",
     "amax_and_finite",
     "compute_scale",
     "finite_amax",
+    "flax_scale",
     "scale_and_update",
 ]
 
 AmaxAlgorithm = Literal["max", "most_recent"]
 AMAX_ALGORITHMS: tuple[str, ...] = choices_of(AmaxAlgorithm)
-ScalingMode = Literal["current", "delayed"]
+ScalingMode = Literal["current", "delayed", "flax"]
 SCALING_MODES: tuple[str, ...] = choices_of(ScalingMode)
 
 DEFAULT_MARGIN = 1.01
 DEFAULT_SCALE_MIN = 1e-10
+# Flax's margin is 0 in its ``2**margin`` headroom, a factor of 1.
+FLAX_MARGIN = 1.0
 
 
 @pytree_dataclass
@@ -106,6 +121,31 @@ class AmaxHistory:
         recorded."""
         amax = self.history[0] if self.algorithm == "most_recent" else jnp.max(self.history)
         return jnp.where(self.count > 0, amax, jnp.asarray(empty, jnp.float32))
+
+
+@pytree_dataclass
+class ScaledAmaxHistory(AmaxHistory):
+    """An :class:`AmaxHistory` that also keeps the scale used last: the state of Flax's recipe.
+
+    ``flax.linen.fp8_ops`` keeps a scale next to each window (initially 1.0) because its rule
+    for a zero or non-finite amax is "keep the previous scale" (:func:`flax_scale`).
+    ``record`` and ``update`` keep the scale; :meth:`next_scale` gives the one to use now.
+
+    Attributes:
+      scale: float32 scalar, the scale of the last step (1.0 before the first).
+    """
+
+    scale: jax.Array = dataclasses.field(kw_only=True)
+
+    @classmethod
+    def create(cls, history_len: int = 1024, algorithm: AmaxAlgorithm = "max") -> ScaledAmaxHistory:
+        """An empty window of ``history_len`` (Flax's default 1024) and scale 1.0, as Flax."""
+        empty = AmaxHistory.create(history_len, algorithm)
+        return cls(empty.history, empty.count, algorithm, scale=jnp.ones((), jnp.float32))
+
+    def next_scale(self, fmt: FormatLike, margin: float = FLAX_MARGIN) -> jax.Array:
+        """The scale of this step: :func:`flax_scale` of this (earlier) window and scale."""
+        return flax_scale(self.get_amax(empty=0.0), self.scale, fmt, margin)
 
 
 def _check_floating(x: jax.Array, what: str) -> jax.Array:
@@ -169,6 +209,26 @@ def compute_scale(
     return jnp.where(amax < scale_min, jnp.float32(scale_min), scale)
 
 
+def flax_scale(
+    amax: jax.Array, previous: jax.Array, fmt: FormatLike, margin: float = FLAX_MARGIN
+) -> jax.Array:
+    """Flax's ``fp8_ops.compute_scale``, in its float32 operations and order.
+
+    ``1 / ((max_value / amax) / margin)`` when ``amax > 0`` and finite, else
+    ``1 / (1 / previous)`` (the previous scale, through Flax's two reciprocals). ``margin`` is
+    the factor Flax writes ``2**margin`` (Flax's default, 0, is a factor of 1.0). Float
+    arithmetic, as in Flax, not the exact integer path: an amax so small that
+    ``max_value / amax`` overflows gives scale 0, as it does in Flax.
+    """
+    check_positive_float("margin", margin)
+    amax = jnp.asarray(amax, jnp.float32)
+    inverse = jnp.float32(1.0) / jnp.asarray(previous, jnp.float32)
+    factor = (as_params(fmt).max_value / amax) / jnp.float32(margin)
+    factor = jnp.where(amax > 0.0, factor, inverse)
+    factor = jnp.where(jnp.isfinite(amax), factor, inverse)
+    return jnp.float32(1.0) / factor
+
+
 def scale_and_update(
     history: AmaxHistory,
     x: jax.Array,
@@ -176,7 +236,7 @@ def scale_and_update(
     mode: ScalingMode = "current",
     *,
     scale_min: float = DEFAULT_SCALE_MIN,
-    margin: float = DEFAULT_MARGIN,
+    margin: float | None = None,
     return_finite: bool = False,
 ) -> tuple[jax.Array, AmaxHistory] | tuple[jax.Array, AmaxHistory, jax.Array]:
     """The scale to quantize ``x`` with, and the history with ``x``'s amax recorded.
@@ -184,14 +244,17 @@ def scale_and_update(
     "current" records first and scales from the updated window; "delayed" scales from the
     window as it was, then records. A non-finite amax is not recorded (the scale comes from the
     window as it was); an empty window scales from :func:`finite_amax` of ``x``. The scale is
-    therefore always finite and at least ``scale_min``.
+    therefore always finite and at least ``scale_min``. "flax" takes a
+    :class:`ScaledAmaxHistory` and gives :meth:`ScaledAmaxHistory.next_scale` (``margin`` as in
+    :func:`flax_scale`, ``scale_min`` unused), which the new history keeps.
 
     Args:
       history: the tensor role's window.
       x: the tensor about to be quantized.
       fmt: its format (or traced :class:`FormatParams`).
-      mode: "current" or "delayed".
-      scale_min, margin: as in :func:`compute_scale`.
+      mode: "current", "delayed" or "flax".
+      scale_min, margin: as in :func:`compute_scale`; ``margin`` defaults to 1.01, or to
+        Flax's 1.0 with "flax".
       return_finite: also return whether ``max|x|`` was finite (a bool scalar), so a caller can
         count the steps whose amax was skipped.
 
@@ -201,10 +264,22 @@ def scale_and_update(
     check_choice("scaling mode", mode, SCALING_MODES)
     check_bool("return_finite", return_finite)
     x = _check_floating(x, "scale_and_update")
-    amax, finite = amax_and_finite(x)
-    new_history = history.record(amax)
-    source = new_history if mode == "current" else history
-    scale = compute_scale(source.get_amax(empty=finite), fmt, scale_min, margin)
+    if margin is None:
+        margin = FLAX_MARGIN if mode == "flax" else DEFAULT_MARGIN
+    if mode == "flax":
+        if not isinstance(history, ScaledAmaxHistory):
+            raise TypeError(
+                f"scaling 'flax' keeps the previous scale: pass a ScaledAmaxHistory, got "
+                f"{type(history).__name__}"
+            )
+        amax = _amax(x)
+        scale = history.next_scale(fmt, margin)
+        new_history = history.record(amax).replace(scale=scale)
+    else:
+        amax, finite = amax_and_finite(x)
+        new_history = history.record(amax)
+        source = new_history if mode == "current" else history
+        scale = compute_scale(source.get_amax(empty=finite), fmt, scale_min, margin)
     if return_finite:
         return scale, new_history, jnp.isfinite(amax)
     return scale, new_history

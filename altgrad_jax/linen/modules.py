@@ -127,7 +127,7 @@ class QuantDotGeneral(nn.Module):
         state = QuantDotState(**{name: variables[name].value for name in used})
         y, new_state, stats = quantized_contract(contract, lhs, rhs, config, state, key, axes)
         if self.is_mutable_collection(QUANT_STATE) and not self.is_initializing():
-            for role in ("inputs", "weights"):
+            for role in ("inputs", "weights", "output_grads"):  # output_grads: "flax"'s scale
                 if role in used:
                     variables[role].value = getattr(new_state, role)
         for role, role_stats in stats.items():

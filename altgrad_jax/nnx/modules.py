@@ -141,7 +141,7 @@ class _QuantOp(nnx.Module):
         state = QuantDotState(**{name: getattr(self, name).get_value() for name in names})
         key = None if self.quant_rngs is None else self.quant_rngs()
         y, new_state, stats = quantized_contract(contract, lhs, rhs, config, state, key, axes)
-        for role in ("inputs", "weights"):
+        for role in ("inputs", "weights", "output_grads"):  # output_grads: "flax"'s scale
             if role in names:
                 getattr(self, role).set_value(getattr(new_state, role))
         for role, role_stats in stats.items():

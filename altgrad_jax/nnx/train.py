@@ -41,12 +41,13 @@ def quant_value_and_grad(fun: Callable[..., Any], has_aux: bool = False) -> Call
     value_and_grad = nnx.value_and_grad(fun, argnums=diff, has_aux=has_aux, allow_int=True)
 
     def wrapped(model: nnx.Module, *args, **kwargs):
-        forward_state = nnx.state(model, backward)
         token = IN_QUANT_GRAD.set(True)
         try:
             value, all_grads = value_and_grad(model, *args, **kwargs)
         finally:
             IN_QUANT_GRAD.reset(token)
+        # As the forward pass left it ("flax" scaling stores the output-gradient scale there).
+        forward_state = nnx.state(model, backward)
         grads, cotangents = nnx.split_state(all_grads, nnx.Param, backward)
 
         def advance(path, forward: nnx.Variable, cotangent: nnx.Variable) -> nnx.Variable:
