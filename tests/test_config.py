@@ -57,6 +57,19 @@ def test_uniform_sets_every_role():
     assert config.stats and config.needs_rng
 
 
+def test_flax_fp8_is_flax_recipe():
+    config = QuantConfig.flax_fp8(stats=True)
+    flax = TensorQuant("E4M3", scaling="flax", history_len=1024)
+    assert config.inputs == config.weights == flax and flax.margin == 1.0  # Flax's 2**0
+    assert config.output_grads == dataclasses.replace(flax, format=ag.E5M2) and config.stats
+    assert QuantConfig.flax_fp8("E3M4").inputs.format is ag.E3M4
+    # The margin default follows the mode; an explicit one is kept.
+    assert TensorQuant("E4M3", scaling="flax", margin=2.0).margin == 2.0
+    assert TensorQuant("E4M3", scaling="delayed").margin == 1.01
+    with pytest.raises(ValueError, match="per-tensor formats"):
+        TensorQuant("MXFP8_E4M3", scaling="flax")
+
+
 def test_unknown_format_lists_the_names():
     with pytest.raises(ValueError, match="E5M2") as err:
         QuantConfig(inputs="E9M9")
