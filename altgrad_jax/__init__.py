@@ -49,9 +49,16 @@ from altgrad_jax.formats import (
     register_format,
     stack_format_params,
 )
-from altgrad_jax.quantize import quantize, random_bits
+from altgrad_jax.quantize import quantize, quantize_flax, random_bits
 from altgrad_jax.rules import FormatSpec, PathRules, leaf_format, path_str
-from altgrad_jax.scaling import AmaxHistory, compute_scale, finite_amax, scale_and_update
+from altgrad_jax.scaling import (
+    AmaxHistory,
+    ScaledAmaxHistory,
+    compute_scale,
+    finite_amax,
+    flax_scale,
+    scale_and_update,
+)
 from altgrad_jax.stall import (
     BitStallDetector,
     ExactCount,
@@ -100,6 +107,7 @@ __all__ = [
     "FormatParams",
     "FormatSpec",
     "PathRules",
+    "ScaledAmaxHistory",
     "StallStats",
     "as_params",
     "block_amax",
@@ -107,6 +115,7 @@ __all__ = [
     "compute_scale",
     "detect_bit_stall",
     "finite_amax",
+    "flax_scale",
     "format_params",
     "format_table",
     "from_bits",
@@ -116,6 +125,7 @@ __all__ = [
     "list_formats",
     "path_str",
     "quantize",
+    "quantize_flax",
     "random_bits",
     "register_format",
     "round_float32",
