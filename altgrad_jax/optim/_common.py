@@ -21,7 +21,7 @@ from altgrad_jax._checks import check_choice, check_positive_float
 from altgrad_jax.bits import power_of_two
 from altgrad_jax.formats import FloatFormat, FormatParams, as_params
 from altgrad_jax.rules import FormatSpec, leaf_format
-from altgrad_jax.scaling import compute_scale, finite_amax
+from altgrad_jax.scaling import amax_and_finite, compute_scale
 
 LeafFormat = FloatFormat | FormatParams
 SCALE_MODES: tuple[str, ...] = ("pow2", "amax")
@@ -128,13 +128,13 @@ def pow2_scale(amax: jax.Array, fmt: LeafFormat) -> jax.Array:
 def resolve_scale(scale: float | str, x: jax.Array, fmt: LeafFormat) -> jax.Array | float:
     """The quantization scale of ``x``: fixed, :func:`pow2_scale` or the seed's amax scaling.
 
-    The amax is that of x's finite entries (:func:`altgrad_jax.scaling.finite_amax`): an inf or
+    The amax is that of x's finite entries (:func:`altgrad_jax.scaling.amax_and_finite`): an inf or
     NaN weight or update stays visible in its own entry (inf saturates or stays inf, NaN stays
     NaN) and never becomes the leaf's scale, so its neighbours keep the grid of their range.
     """
     if not isinstance(scale, str):
         return scale
-    amax = finite_amax(x)
+    _, amax = amax_and_finite(x)
     return pow2_scale(amax, fmt) if scale == "pow2" else compute_scale(amax, fmt)
 
 
