@@ -20,7 +20,8 @@ from flax.linen import fp8_ops
 import altgrad_jax as ag
 from altgrad_jax import linen as qlinen
 from altgrad_jax import nnx as qnnx
-from altgrad_jax.config import QuantConfig
+from altgrad_jax.config import QuantConfig, TensorQuant
+from altgrad_jax.quant_dot import ContractionAxes, QuantDotState, quantized_contract
 from altgrad_jax.quantize import quantize_flax
 from altgrad_jax.scaling import AmaxHistory, ScaledAmaxHistory, flax_scale, scale_and_update
 
@@ -93,6 +94,14 @@ def test_flax_scaling_keeps_the_scale_and_the_window_on_a_non_finite_amax():
 def test_flax_scaling_needs_a_scaled_history():
     with pytest.raises(TypeError, match="ScaledAmaxHistory"):
         scale_and_update(AmaxHistory.create(4), jnp.ones(3), ag.E4M3, "flax")
+
+
+def test_flax_output_grads_with_block_formats_are_refused():
+    config = QuantConfig("MXFP8_E4M3", "MXFP8_E4M3", TensorQuant("E5M2", scaling="flax"))
+    x, w = jnp.ones((4, 32)), jnp.ones((32, 8))
+    axes = ContractionAxes.of_dot_general(2, 2, (((1,), (0,)), ((), ())))
+    with pytest.raises(ValueError, match="'flax' is not supported"):
+        quantized_contract(jnp.dot, x, w, config, QuantDotState.create(config), None, axes)
 
 
 class MLP(nn.Module):

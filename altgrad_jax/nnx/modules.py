@@ -56,7 +56,8 @@ class QuantState(nnx.Variable):
 
 
 class OutputGradState(QuantState):
-    """The output-gradient history (delayed scaling), updated by ``quant_value_and_grad``."""
+    """The output-gradient history (delayed and "flax" scaling), updated by
+    ``quant_value_and_grad`` (with "flax" the forward call stores the step's scale in it)."""
 
 
 class OutputGradStats(QuantState):
