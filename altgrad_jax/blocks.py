@@ -39,6 +39,8 @@ LLMs with MXFP8" (2025); NVIDIA, "Pretraining LLMs with NVFP4" (2025); DeepSeek-
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
 
@@ -57,7 +59,7 @@ from altgrad_jax.bits import (
 )
 from altgrad_jax.formats import BlockFormat, FloatFormat, format_params
 
-__all__ = ["block_amax", "block_scales", "normalize_axes", "quantize_blocks"]
+__all__ = ["block_amax", "block_grid", "block_scales", "normalize_axes", "quantize_blocks"]
 
 BlockAxes = int | tuple[int, ...] | None
 
@@ -193,6 +195,28 @@ def _scales(amax: jax.Array, fmt: BlockFormat, tensor_amax: jax.Array | None) ->
     return tensor * block
 
 
+def _compiled(fn: Callable) -> Callable:
+    """``fn(x, fmt, axis, ...)`` with the axes checked (errors raised at the call) and run under
+    ``jit`` with the format, the axes and the rounding static.
+
+    The roundings work on bits, hundreds of primitives: eagerly, each would be dispatched (and
+    compiled) on its own; this way an eager call costs one compile per format, axes and shape,
+    and inside a traced function the call is inlined.
+    """
+    names = list(inspect.signature(fn).parameters)
+    static = [name for name in ("fmt", "axis", "rounding") if name in names]
+    jitted = jax.jit(
+        fn, static_argnums=[names.index(name) for name in static], static_argnames=static
+    )
+
+    @functools.wraps(fn)
+    def call(x: jax.Array, fmt: BlockFormat, axis: BlockAxes = None, *args, **kwargs):
+        return jitted(x, fmt, normalize_axes(fmt, jnp.ndim(x), axis), *args, **kwargs)
+
+    return call
+
+
+@_compiled
 def block_amax(x: jax.Array, fmt: BlockFormat, axis: BlockAxes = None) -> jax.Array:
     """``max|x|`` per block (NaN where a block holds a NaN, inf where it holds an inf), float32,
     shaped like :func:`block_scales`."""
@@ -208,6 +232,7 @@ def _from_block_grid(values: jax.Array, ndim: int, axes: tuple[int, ...]) -> jax
     return jnp.transpose(values, np.argsort((*rest, *axes)))
 
 
+@_compiled
 def block_scales(x: jax.Array, fmt: BlockFormat, axis: BlockAxes = None) -> jax.Array:
     """The float32 scale of every block: x's shape with each blocked axis of length
     ``ceil(n / block)`` (for a tensor-scaled format, the product of tensor and block scale;
@@ -221,6 +246,29 @@ def block_scales(x: jax.Array, fmt: BlockFormat, axis: BlockAxes = None) -> jax.
     return _from_block_grid(scales, x.ndim, axes)
 
 
+def _round_in_blocks(
+    x: jax.Array, fmt: BlockFormat, axis: BlockAxes, rounding: Rounding, random_bits
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, Callable[[jax.Array], jax.Array]]:
+    """The rounded elements ``round_element(x / s)`` as ``[..., blocks..., block elements]``, the
+    scales as ``(k, m)`` with ``s = m * 2**k``, the finite-block mask and the way back."""
+    x = jnp.asarray(x, jnp.float32)
+    axes = normalize_axes(fmt, x.ndim, axis)
+    blocks, restore = _to_blocks(x, axes, fmt.block_shape)
+    amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+    finite = jnp.isfinite(amax)
+    scale = _scales(jnp.where(finite, amax, 0.0), fmt, _tensor_amax(x, fmt))
+    noise = None
+    if random_bits is not None:
+        noise, _ = _to_blocks(random_bits, axes, fmt.block_shape)
+    # x * (1 / s) and q * s with the exponent moved in integers (E8M0's 2**-127 is a float32
+    # subnormal, which a flushing device would turn into 0): see altgrad_jax.quantize.
+    k, m = split_scale(scale)
+    scaled = scale_float32(blocks, 1 / m, -k, overflow=0x7F7FFFFF)
+    rounded = round_float32(scaled, format_params(fmt.element), rounding, noise)
+    return rounded, k, m, finite, restore
+
+
+@_compiled
 def quantize_blocks(
     x: jax.Array,
     fmt: BlockFormat,
@@ -233,19 +281,24 @@ def quantize_blocks(
 
     ``random_bits`` (uint32, x's shape) drive stochastic rounding of the elements.
     """
-    x = jnp.asarray(x, jnp.float32)
-    axes = normalize_axes(fmt, x.ndim, axis)
-    blocks, restore = _to_blocks(x, axes, fmt.block_shape)
-    amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
-    finite = jnp.isfinite(amax)
-    scale = _scales(jnp.where(finite, amax, 0.0), fmt, _tensor_amax(x, fmt))
-    noise = None
-    if random_bits is not None:
-        noise, _ = _to_blocks(random_bits, axes, fmt.block_shape)
-    params = format_params(fmt.element)
-    # x * (1 / s) and q * s with the exponent moved in integers (E8M0's 2**-127 is a float32
-    # subnormal, which a flushing device would turn into 0): see altgrad_jax.quantize.
-    k, m = split_scale(scale)
-    scaled = scale_float32(blocks, 1 / m, -k, overflow=0x7F7FFFFF)
-    rounded = scale_float32(round_float32(scaled, params, rounding, noise), m, k)
-    return restore(jnp.where(finite, rounded, jnp.float32(jnp.nan)))
+    rounded, k, m, finite, restore = _round_in_blocks(x, fmt, axis, rounding, random_bits)
+    return restore(jnp.where(finite, scale_float32(rounded, m, k), jnp.float32(jnp.nan)))
+
+
+@_compiled
+def block_grid(
+    x: jax.Array, fmt: BlockFormat, axis: BlockAxes = None
+) -> tuple[jax.Array, jax.Array]:
+    """``x`` rounded to nearest on its block grid, and the grid's spacing at each rounded value.
+
+    The spacing is the element's ULP at ``q / s`` times the block's scale ``s``: how far a value
+    must move, at this grid, to change its code (what the stall monitor bins updates against).
+    Both float32 in x's shape; NaN in blocks that hold a NaN or an inf.
+    """
+    rounded, k, m, finite, restore = _round_in_blocks(x, fmt, axis, "nearest", None)
+    spacing = ulp(rounded, format_params(fmt.element))
+    nan = jnp.float32(jnp.nan)
+    return (
+        restore(jnp.where(finite, scale_float32(rounded, m, k), nan)),
+        restore(jnp.where(finite, scale_float32(spacing, m, k), nan)),
+    )
