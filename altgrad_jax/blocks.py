@@ -33,6 +33,11 @@ tensor's range flush to zero instead of turning NaN.
 **float32 scales** (``scale_format=None``, DeepSeek-V3): ``s = a / max``, at least the smallest
 positive float32 (1 for an all-zero block).
 
+Each division by a scalar above is a multiplication by its float32 reciprocal (``a * (1 / max)``),
+which is what XLA compiles a division by a constant to: so a format whose element is traced
+(:meth:`~altgrad_jax.formats.BlockFormat.as_arrays`, one program for every element format of a
+layout) gives the same bits as the static one.
+
 References: OCP Microscaling Formats (MX) v1.0 (2023); Mishra et al., "Recipes for Pre-training
 LLMs with MXFP8" (2025); NVIDIA, "Pretraining LLMs with NVFP4" (2025); DeepSeek-V3 report (2024).
 """
@@ -57,14 +62,23 @@ from altgrad_jax.bits import (
     split_scale,
     ulp,
 )
-from altgrad_jax.formats import BlockFormat, FloatFormat, format_params
+from altgrad_jax.formats import BlockFormat, BlockParams, FloatFormat, FormatParams, format_params
 
-__all__ = ["block_amax", "block_grid", "block_scales", "normalize_axes", "quantize_blocks"]
+__all__ = [
+    "block_amax",
+    "block_grid",
+    "block_scales",
+    "element_params",
+    "normalize_axes",
+    "quantize_blocks",
+]
 
 BlockAxes = int | tuple[int, ...] | None
+BlockLike = BlockFormat | BlockParams
+"""A block format, static or with a traced element (:meth:`BlockFormat.as_arrays`)."""
 
 
-def normalize_axes(fmt: BlockFormat, ndim: int, axis: BlockAxes) -> tuple[int, ...]:
+def normalize_axes(fmt: BlockLike, ndim: int, axis: BlockAxes) -> tuple[int, ...]:
     """The blocked axes of an ``ndim``-dimensional tensor, non-negative, one per block dim.
 
     ``axis=None`` means the last axis (1-D blocks) or the last two (tiles). Raises for a tensor
@@ -133,11 +147,34 @@ def _log2_parts(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     return exponent, fraction
 
 
-def _pow2_exponent(amax: jax.Array, fmt: BlockFormat) -> jax.Array:
+def element_params(fmt: BlockLike) -> FormatParams:
+    """The element format's kernel constants: Python ints for a :class:`BlockFormat` (folded at
+    trace time), the traced arrays of a :class:`BlockParams`."""
+    return format_params(fmt.element) if isinstance(fmt, BlockFormat) else fmt.element
+
+
+def _max_parts(p: FormatParams) -> tuple[int | jax.Array, int | jax.Array]:
+    """``(m, g)`` of the element's ``max = 2**m * (1 + g / 2**23)`` (ints when static)."""
+    if isinstance(p.max_bits, int):
+        return (p.max_bits >> 23) - 127, p.max_bits & 0x7FFFFF
+    bits = jnp.asarray(p.max_bits, jnp.uint32)
+    return (bits >> 23).astype(jnp.int32) - 127, bits & jnp.uint32(0x7FFFFF)
+
+
+def _half_at_mantissa(p: FormatParams) -> int | jax.Array:
+    """Half a unit of the element's last mantissa bit in a 23-bit fraction (0 for M >= 23)."""
+    if isinstance(p.mantissa_bits, int):
+        return 1 << (22 - p.mantissa_bits) if p.mantissa_bits < 23 else 0
+    mantissa = jnp.asarray(p.mantissa_bits, jnp.uint32)
+    half = jnp.uint32(1) << (jnp.uint32(22) - jnp.minimum(mantissa, jnp.uint32(22)))
+    return jnp.where(mantissa < 23, half, jnp.uint32(0))
+
+
+def _pow2_exponent(amax: jax.Array, fmt: BlockLike) -> jax.Array:
     """The block exponent ``k`` of a power-of-two scale (see the module docstring)."""
-    element, scale_fmt = fmt.element, fmt.scale_format
-    m = math.frexp(element.max_value)[1] - 1
-    g = int(np.float32(element.max_value).view(np.uint32)) & 0x7FFFFF
+    scale_fmt = fmt.scale_format
+    p = element_params(fmt)
+    m, g = _max_parts(p)
     a = _as_u32(amax)
     e, f = _log2_parts(a)
     if fmt.scale_rule == "floor":
@@ -147,8 +184,7 @@ def _pow2_exponent(amax: jax.Array, fmt: BlockFormat) -> jax.Array:
     elif fmt.scale_rule == "rceil":
         k = e - m + (f > jnp.uint32(g)).astype(jnp.int32)
     else:  # even: round half up at the element's mantissa width, keep the exponent
-        half = jnp.uint32(1 << (22 - element.mantissa_bits)) if element.mantissa_bits < 23 else 0
-        k = e + ((f + half) >> 23).astype(jnp.int32) - m
+        k = e + ((f + jnp.uint32(_half_at_mantissa(p))) >> 23).astype(jnp.int32) - m
     k_min = math.frexp(scale_fmt.smallest_positive)[1] - 1
     k_max = math.frexp(scale_fmt.max_value)[1] - 1
     return jnp.clip(jnp.where(a == 0, k_min, k), k_min, k_max)
@@ -161,7 +197,7 @@ def _round_up(x: jax.Array, fmt: FloatFormat) -> jax.Array:
     return jnp.where(nearest < x, above, nearest)
 
 
-def _tensor_amax(x: jax.Array, fmt: BlockFormat) -> jax.Array | None:
+def _tensor_amax(x: jax.Array, fmt: BlockLike) -> jax.Array | None:
     """The tensor's finite amax, only for formats with a tensor scale (NVFP4); else None."""
     return _finite_amax(x) if fmt.tensor_scale else None
 
@@ -171,22 +207,22 @@ def _finite_amax(x: jax.Array) -> jax.Array:
     return jnp.max(finite, initial=0.0).astype(jnp.float32)
 
 
-def _scales(amax: jax.Array, fmt: BlockFormat, tensor_amax: jax.Array | None) -> jax.Array:
+def _scales(amax: jax.Array, fmt: BlockLike, tensor_amax: jax.Array | None) -> jax.Array:
     """float32 block scales from block amaxes (finite, >= 0) and the tensor's finite amax."""
-    element_max = jnp.float32(fmt.element.max_value)
+    element_max = element_params(fmt).max_value
     scale_fmt = fmt.scale_format
     if scale_fmt is None:
         smallest = jnp.float32(np.finfo(np.float32).smallest_subnormal)
-        return jnp.where(amax > 0, jnp.maximum(amax / element_max, smallest), 1.0)
+        return jnp.where(amax > 0, jnp.maximum(amax * (1 / element_max), smallest), 1.0)
     if scale_fmt.is_power_of_two:
         if fmt.tensor_scale:
             raise ValueError(f"{fmt.name}: a tensor scale needs a scale format with mantissa bits")
         return power_of_two(_pow2_exponent(amax, fmt))
     tensor = jnp.float32(1.0)
     if fmt.tensor_scale:
-        levels = jnp.float32(np.float32(scale_fmt.max_value) * np.float32(fmt.element.max_value))
-        tensor = jnp.where(tensor_amax > 0, tensor_amax / levels, 1.0)
-    ratio = amax / element_max / tensor
+        levels = jnp.float32(scale_fmt.max_value) * element_max  # float32, as NVFP4 has it
+        tensor = jnp.where(tensor_amax > 0, tensor_amax * (1 / levels), 1.0)
+    ratio = amax * (1 / element_max) * (1 / tensor)
     if fmt.scale_rule == "rceil":
         block = _round_up(ratio, scale_fmt)
     else:
@@ -197,27 +233,32 @@ def _scales(amax: jax.Array, fmt: BlockFormat, tensor_amax: jax.Array | None) ->
 
 def _compiled(fn: Callable) -> Callable:
     """``fn(x, fmt, axis, ...)`` with the axes checked (errors raised at the call) and run under
-    ``jit`` with the format, the axes and the rounding static.
+    ``jit`` with the format (unless its element is traced: :class:`BlockParams` is data), the
+    axes and the rounding static.
 
     The roundings work on bits, hundreds of primitives: eagerly, each would be dispatched (and
     compiled) on its own; this way an eager call costs one compile per format, axes and shape,
     and inside a traced function the call is inlined.
     """
     names = list(inspect.signature(fn).parameters)
-    static = [name for name in ("fmt", "axis", "rounding") if name in names]
-    jitted = jax.jit(
-        fn, static_argnums=[names.index(name) for name in static], static_argnames=static
-    )
+
+    def compiled(static: list[str]) -> Callable:
+        argnums = [names.index(name) for name in static]
+        return jax.jit(fn, static_argnums=argnums, static_argnames=static)
+
+    options = [name for name in ("axis", "rounding") if name in names]
+    static_format, traced_format = compiled(["fmt", *options]), compiled(options)
 
     @functools.wraps(fn)
-    def call(x: jax.Array, fmt: BlockFormat, axis: BlockAxes = None, *args, **kwargs):
+    def call(x: jax.Array, fmt: BlockLike, axis: BlockAxes = None, *args, **kwargs):
+        jitted = traced_format if isinstance(fmt, BlockParams) else static_format
         return jitted(x, fmt, normalize_axes(fmt, jnp.ndim(x), axis), *args, **kwargs)
 
     return call
 
 
 @_compiled
-def block_amax(x: jax.Array, fmt: BlockFormat, axis: BlockAxes = None) -> jax.Array:
+def block_amax(x: jax.Array, fmt: BlockLike, axis: BlockAxes = None) -> jax.Array:
     """``max|x|`` per block (NaN where a block holds a NaN, inf where it holds an inf), float32,
     shaped like :func:`block_scales`."""
     axes = normalize_axes(fmt, x.ndim, axis)
@@ -233,7 +274,7 @@ def _from_block_grid(values: jax.Array, ndim: int, axes: tuple[int, ...]) -> jax
 
 
 @_compiled
-def block_scales(x: jax.Array, fmt: BlockFormat, axis: BlockAxes = None) -> jax.Array:
+def block_scales(x: jax.Array, fmt: BlockLike, axis: BlockAxes = None) -> jax.Array:
     """The float32 scale of every block: x's shape with each blocked axis of length
     ``ceil(n / block)`` (for a tensor-scaled format, the product of tensor and block scale;
     NaN for blocks that hold a NaN or an inf)."""
@@ -247,7 +288,7 @@ def block_scales(x: jax.Array, fmt: BlockFormat, axis: BlockAxes = None) -> jax.
 
 
 def _round_in_blocks(
-    x: jax.Array, fmt: BlockFormat, axis: BlockAxes, rounding: Rounding, random_bits
+    x: jax.Array, fmt: BlockLike, axis: BlockAxes, rounding: Rounding, random_bits
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, Callable[[jax.Array], jax.Array]]:
     """The rounded elements ``round_element(x / s)`` as ``[..., blocks..., block elements]``, the
     scales as ``(k, m)`` with ``s = m * 2**k``, the finite-block mask and the way back."""
@@ -264,14 +305,14 @@ def _round_in_blocks(
     # subnormal, which a flushing device would turn into 0): see altgrad_jax.quantize.
     k, m = split_scale(scale)
     scaled = scale_float32(blocks, 1 / m, -k, overflow=0x7F7FFFFF)
-    rounded = round_float32(scaled, format_params(fmt.element), rounding, noise)
+    rounded = round_float32(scaled, element_params(fmt), rounding, noise)
     return rounded, k, m, finite, restore
 
 
 @_compiled
 def quantize_blocks(
     x: jax.Array,
-    fmt: BlockFormat,
+    fmt: BlockLike,
     axis: BlockAxes = None,
     rounding: Rounding = "nearest",
     random_bits: jax.Array | None = None,
@@ -286,9 +327,7 @@ def quantize_blocks(
 
 
 @_compiled
-def block_grid(
-    x: jax.Array, fmt: BlockFormat, axis: BlockAxes = None
-) -> tuple[jax.Array, jax.Array]:
+def block_grid(x: jax.Array, fmt: BlockLike, axis: BlockAxes = None) -> tuple[jax.Array, jax.Array]:
     """``x`` rounded to nearest on its block grid, and the grid's spacing at each rounded value.
 
     The spacing is the element's ULP at ``q / s`` times the block's scale ``s``: how far a value
@@ -296,7 +335,7 @@ def block_grid(
     Both float32 in x's shape; NaN in blocks that hold a NaN or an inf.
     """
     rounded, k, m, finite, restore = _round_in_blocks(x, fmt, axis, "nearest", None)
-    spacing = ulp(rounded, format_params(fmt.element))
+    spacing = ulp(rounded, element_params(fmt))
     nan = jnp.float32(jnp.nan)
     return (
         restore(jnp.where(finite, scale_float32(rounded, m, k), nan)),

@@ -51,9 +51,9 @@ import numpy as np
 
 from altgrad_jax._pytree import pytree_dataclass
 from altgrad_jax.bits import _as_f32
-from altgrad_jax.blocks import block_amax, block_scales, normalize_axes
+from altgrad_jax.blocks import BlockLike, block_amax, block_scales, element_params, normalize_axes
 from altgrad_jax.config import ROLES, QuantConfig, TensorQuant
-from altgrad_jax.formats import BlockFormat, FloatFormat, FormatParams, as_params, format_params
+from altgrad_jax.formats import BlockFormat, BlockParams, FloatFormat, FormatParams, as_params
 from altgrad_jax.quantize import quantize
 from altgrad_jax.scaling import (
     AmaxHistory,
@@ -217,7 +217,7 @@ def tensor_stats(x: jax.Array, q: jax.Array, params: FormatParams, scale: jax.Ar
     return QuantStats(counts, jnp.max(scale, initial=0.0))
 
 
-def block_stats(x: jax.Array, q: jax.Array, fmt: BlockFormat, axis: int) -> QuantStats:
+def block_stats(x: jax.Array, q: jax.Array, fmt: BlockLike, axis: int) -> QuantStats:
     """:class:`QuantStats` of ``q = quantize(x, fmt, axis=axis)`` (1-D blocks along ``axis``,
     or tiles over the last two axes), block counts included."""
     scales = block_scales(x, fmt, axis=None if len(fmt.block_shape) == 2 else axis)
@@ -227,7 +227,7 @@ def block_stats(x: jax.Array, q: jax.Array, fmt: BlockFormat, axis: int) -> Quan
         expanded = jnp.repeat(expanded, size, axis=a)[
             tuple(slice(0, x.shape[d]) if d == a else slice(None) for d in range(x.ndim))
         ]
-    params = format_params(fmt.element)
+    params = element_params(fmt)
     stats = tensor_stats(x, q, params, jnp.where(jnp.isfinite(expanded), expanded, 1.0))
     x32 = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
     q32 = jax.lax.stop_gradient(jnp.asarray(q, jnp.float32))
@@ -545,7 +545,28 @@ class _BlockPolicy(NamedTuple):
 
 
 def _is_block(tq: TensorQuant | None) -> bool:
-    return tq is not None and isinstance(tq.format, BlockFormat)
+    return tq is not None and isinstance(tq.format, (BlockFormat, BlockParams))
+
+
+def _hoisted(tq: TensorQuant | None) -> tuple[TensorQuant | None, list | None]:
+    """A role's policy with the arrays of a traced format taken out (None in their place), and
+    those arrays: the policy is a static argument of the block GEMM's custom VJP (hashable, no
+    tracers), the arrays are primal inputs, as the output-gradient quantizer passes them."""
+    if tq is None or isinstance(tq.format, (FloatFormat, BlockFormat)):
+        return tq, None
+    leaves, treedef = jax.tree.flatten(tq.format)
+    return dataclasses.replace(tq, format=treedef.unflatten([None] * len(leaves))), leaves
+
+
+def _with_formats(policy: _BlockPolicy, formats: tuple) -> _BlockPolicy:
+    """``policy`` with the traced formats of :func:`_hoisted` put back."""
+    roles = {}
+    for name, leaves in zip(("inputs", "weights", "output_grads"), formats, strict=True):
+        tq = getattr(policy, name)
+        if leaves is not None:
+            treedef = jax.tree.structure(tq.format, is_leaf=lambda node: node is None)
+            roles[name] = dataclasses.replace(tq, format=treedef.unflatten(leaves))
+    return policy._replace(**roles)
 
 
 def _operand(x, tq, fixed, axes, key):
@@ -563,21 +584,25 @@ def _fold(key, i):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _block_gemm(policy: _BlockPolicy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys, hadamard_key):
+def _block_gemm(
+    policy: _BlockPolicy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys, hadamard_key, formats
+):
     del probe, hadamard_key
+    policy = _with_formats(policy, formats)
     ax = policy.axes
     ql = _operand(lhs, policy.inputs, lhs_fixed, ax.lhs, _fold(keys[0], 0))
     qr = _operand(rhs, policy.weights, rhs_fixed, ax.rhs, _fold(keys[1], 0))
     return policy.contract(ql, qr)
 
 
-def _block_gemm_fwd(policy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys, hadamard_key):
-    y = _block_gemm(policy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys, hadamard_key)
-    return y, (lhs, rhs, lhs_fixed, rhs_fixed, keys, hadamard_key)
+def _block_gemm_fwd(policy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys, hadamard_key, formats):
+    y = _block_gemm(policy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys, hadamard_key, formats)
+    return y, (lhs, rhs, lhs_fixed, rhs_fixed, keys, hadamard_key, formats)
 
 
 def _block_gemm_bwd(policy: _BlockPolicy, residuals, dy):
-    lhs, rhs, lhs_fixed, rhs_fixed, keys, hadamard_key = residuals
+    lhs, rhs, lhs_fixed, rhs_fixed, keys, hadamard_key, formats = residuals
+    policy = _with_formats(policy, formats)
     ax, tg = policy.axes, policy.output_grads
     stats = None
     dy_for_weights, lhs_for_weights = dy, lhs
@@ -616,7 +641,7 @@ def _block_gemm_bwd(policy: _BlockPolicy, residuals, dy):
     (dx,) = lhs_vjp(dy_n)
     (dw,) = rhs_vjp(dy_t)
     probe_ct = None if stats is None else stats.to_probe()
-    return dx, dw, None, None, probe_ct, None, None
+    return dx, dw, None, None, probe_ct, None, None, None
 
 
 _block_gemm.defvjp(_block_gemm_fwd, _block_gemm_bwd)
@@ -691,12 +716,23 @@ def _block_contract(contract, lhs, rhs, config, state, keys, axes):
             "delayed output-gradient scaling is not supported there"
         )
     probe = state.output_grads_stats
+    roles = [_hoisted(config.role(r)) for r in ROLES]
     policy = _BlockPolicy(
-        contract, axes, config.inputs, config.weights, grads, probe is not None, config.hadamard
+        contract, axes, *(tq for tq, _ in roles), probe is not None, config.hadamard
     )
+    formats = tuple(leaves for _, leaves in roles)
     role_keys_ = (keys["inputs"], keys["weights"], keys["output_grads"])
+    hadamard_key = keys.get("hadamard")
     y = _block_gemm(
-        policy, lhs, rhs, fixed["inputs"], fixed["weights"], probe, role_keys_, keys.get("hadamard")
+        policy,
+        lhs,
+        rhs,
+        fixed["inputs"],
+        fixed["weights"],
+        probe,
+        role_keys_,
+        hadamard_key,
+        formats,
     )
     return y, dataclasses.replace(state, **changes), stats
 

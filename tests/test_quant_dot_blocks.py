@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import count_compiles
 from flax import nnx
 
 import altgrad_jax as ag
@@ -139,3 +140,28 @@ def test_random_hadamard_is_orthogonal_and_leaves_the_unquantized_gemm_unchanged
     params = mx.init(rngs, x)["params"]
     with pytest.raises(ValueError, match="multiple of 16"):
         jax.grad(lambda p: jnp.sum(mx.apply({"params": p}, x, rngs=rngs)))(params)
+
+
+def test_traced_element_formats_give_the_static_bits_in_one_compiled_train_step():
+    """Integer data: every quantized value is an integer and every GEMM is exact in float32, so
+    the two programs may sum in any order and still agree bit for bit."""
+    family = (ag.MXFP8_E4M3, ag.MXFP6_E2M3, ag.MXFP4)
+    rng = np.random.default_rng(0)
+    x, dy = (rng.integers(-16, 17, shape).astype(np.float32) for shape in ((48, 64), (48, 40)))
+    params = {"kernel": rng.integers(-16, 17, (64, 40)).astype(np.float32), "bias": dy[0]}
+
+    def step(params, fmt):
+        layer = qlinen.QuantDense(40, config=QuantConfig(fmt, fmt, fmt))
+
+        def loss(p, x):
+            return jnp.sum(layer.apply({"params": p}, x) * dy)
+
+        return layer.apply({"params": params}, x), jax.grad(loss, argnums=(0, 1))(params, x)
+
+    traced = count_compiles(step)
+    run = jax.jit(traced)
+    for fmt in family:
+        got = run(params, fmt.as_arrays(within=family))
+        expected = jax.jit(step, static_argnums=1)(params, fmt)
+        jax.tree.map(np.testing.assert_array_equal, got, expected)
+    assert traced.traces == 1

@@ -61,8 +61,9 @@ def _reference_grid(x: np.ndarray, fmt: ag.BlockFormat) -> tuple[np.ndarray, np.
     amax = np.abs(blocks).max(axis=(2, 3), keepdims=True)
     dtype = ELEMENTS[fmt.element.name]
     if fmt.tensor_scale:  # NVFP4: float32 tensor scale, E4M3 block scale (clamped to 2**-9)
-        t = np.float32(np.abs(x).max() / np.float32(448 * 6))
-        ratio = (amax / np.float32(6) / t).astype(np.float32)
+        one = np.float32(1)  # divisions by a scalar: times its float32 reciprocal
+        t = np.abs(x).max() * (one / np.float32(448 * 6))
+        ratio = amax * (one / np.float32(6)) * (one / t)
         s_b = np.maximum(ratio.astype(ml_dtypes.float8_e4m3fn).astype(np.float32), 2.0**-9)
         s = (t * s_b).astype(np.float32)
         scaled = np.clip(blocks * (np.float32(1) / s), -6, 6)
