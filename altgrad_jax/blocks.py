@@ -55,6 +55,7 @@ import numpy as np
 
 from altgrad_jax.bits import (
     Rounding,
+    _as_f32,
     _as_u32,
     power_of_two,
     round_float32,
@@ -263,8 +264,17 @@ def block_amax(x: jax.Array, fmt: BlockLike, axis: BlockAxes = None) -> jax.Arra
     shaped like :func:`block_scales`."""
     axes = normalize_axes(fmt, x.ndim, axis)
     blocks, _ = _to_blocks(jnp.asarray(x, jnp.float32), axes, fmt.block_shape)
-    amax = jnp.max(jnp.abs(blocks), axis=-1)
+    amax = _amax(blocks)
     return _from_block_grid(amax, x.ndim, axes)
+
+
+def _amax(blocks: jax.Array, keepdims: bool = False) -> jax.Array:
+    """``max|x|`` over the last axis (NaN where it holds a NaN), as a max of the magnitudes'
+    bit patterns: for non-negative floats (NaN above inf above every finite value) the integer
+    order is the float order, and XLA's CPU backend vectorises an integer max where it runs a
+    float max reduction as a scalar loop (~2.5x slower)."""
+    magnitudes = _as_u32(blocks) & jnp.uint32(0x7FFFFFFF)
+    return _as_f32(jnp.max(magnitudes, axis=-1, keepdims=keepdims))
 
 
 def _from_block_grid(values: jax.Array, ndim: int, axes: tuple[int, ...]) -> jax.Array:
@@ -281,32 +291,68 @@ def block_scales(x: jax.Array, fmt: BlockLike, axis: BlockAxes = None) -> jax.Ar
     x = jnp.asarray(x, jnp.float32)
     axes = normalize_axes(fmt, x.ndim, axis)
     blocks, _ = _to_blocks(x, axes, fmt.block_shape)
-    amax = jnp.max(jnp.abs(blocks), axis=-1)
+    amax = _amax(blocks)
     scales = _scales(jnp.where(jnp.isfinite(amax), amax, 0.0), fmt, _tensor_amax(x, fmt))
     scales = jnp.where(jnp.isfinite(amax), scales, jnp.float32(jnp.nan))
     return _from_block_grid(scales, x.ndim, axes)
 
 
-def _round_in_blocks(
-    x: jax.Array, fmt: BlockLike, axis: BlockAxes, rounding: Rounding, random_bits
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, Callable[[jax.Array], jax.Array]]:
-    """The rounded elements ``round_element(x / s)`` as ``[..., blocks..., block elements]``, the
-    scales as ``(k, m)`` with ``s = m * 2**k``, the finite-block mask and the way back."""
+def _scaled_blocks(
+    x: jax.Array, fmt: BlockLike, axis: BlockAxes, random_bits: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, Callable[[jax.Array], jax.Array]]:
+    """``x`` as ``[..., blocks..., block elements]``, the block amaxes and scales (``[...,
+    blocks..., 1]``), the random bits in the same layout, the way back.
+
+    """
     x = jnp.asarray(x, jnp.float32)
     axes = normalize_axes(fmt, x.ndim, axis)
     blocks, restore = _to_blocks(x, axes, fmt.block_shape)
-    amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
-    finite = jnp.isfinite(amax)
-    scale = _scales(jnp.where(finite, amax, 0.0), fmt, _tensor_amax(x, fmt))
+    amax = _amax(blocks, keepdims=True)
+    scale = _scales(jnp.where(jnp.isfinite(amax), amax, 0.0), fmt, _tensor_amax(x, fmt))
     noise = None
     if random_bits is not None:
         noise, _ = _to_blocks(random_bits, axes, fmt.block_shape)
-    # x * (1 / s) and q * s with the exponent moved in integers (E8M0's 2**-127 is a float32
-    # subnormal, which a flushing device would turn into 0): see altgrad_jax.quantize.
+    return blocks, amax, scale, noise, restore
+
+
+def _exact_round(blocks, scale, params, rounding, noise) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``round(x * (1 / s))`` with the exponent moved in integers, and ``(k, m)`` of ``s``.
+
+    E8M0's ``2**-127`` is a float32 subnormal, which a flushing device would turn into 0, and
+    ``x / s`` may be subnormal: see :mod:`altgrad_jax.quantize`.
+    """
     k, m = split_scale(scale)
     scaled = scale_float32(blocks, 1 / m, -k, overflow=0x7F7FFFFF)
-    rounded = round_float32(scaled, element_params(fmt), rounding, noise)
-    return rounded, k, m, finite, restore
+    return round_float32(scaled, params, rounding, noise), k, m
+
+
+def _float_multiplies_exact(
+    scale: jax.Array, live: jax.Array, params: FormatParams, rounding: Rounding
+) -> bool | jax.Array:
+    """Whether plain float32 ``x * (1 / s)`` and ``q * s`` give the bits of the exact path on
+    every device, for every block that holds a nonzero finite amax (``live``; the others are
+    all zero, or NaN anyway).
+
+    The conditions of :mod:`altgrad_jax.quantize`'s float path, per block: the scale and its
+    reciprocal normal; ``s * min_value >= 2**-124`` and ``min_value >= 2**-124``, so a
+    subnormal ``x`` or product (flushed by FTZ / DAZ devices) rounds to a signed zero either
+    way and ``q * s`` is normal for every ``|q| >= min_value``; a signed element with a zero.
+    Stochastic rounding keeps the exact path.
+    """
+    if rounding == "stochastic":
+        return False
+    min_bits = jnp.where(jnp.asarray(params.has_zero), params.tiny_high, params.tiny_low)
+    min_value = _as_f32(jnp.asarray(min_bits, jnp.uint32))
+    s = jnp.where(live, scale, 1.0)
+    floor = jnp.float32(2.0**-124)
+    return (
+        jnp.asarray(params.signed)
+        & jnp.asarray(params.has_zero)
+        & (min_value >= floor)
+        & jnp.all(s >= jnp.float32(2.0**-126))
+        & jnp.all(s < jnp.float32(2.0**126))
+        & jnp.all(s * min_value >= floor)
+    )
 
 
 @_compiled
@@ -320,10 +366,29 @@ def quantize_blocks(
     """float32 ``round_element(x / s) * s`` with per-block scales ``s`` (no gradient rule: see
     :func:`altgrad_jax.quantize`, which wraps this with the straight-through estimator).
 
-    ``random_bits`` (uint32, x's shape) drive stochastic rounding of the elements.
+    ``random_bits`` (uint32, x's shape) drive stochastic rounding of the elements. Where plain
+    float multiplies are provably exact (:func:`_float_multiplies_exact`, one ``lax.cond`` on
+    the whole tensor) they replace the integer scaling, with the same bits.
     """
-    rounded, k, m, finite, restore = _round_in_blocks(x, fmt, axis, rounding, random_bits)
-    return restore(jnp.where(finite, scale_float32(rounded, m, k), jnp.float32(jnp.nan)))
+    blocks, amax, scale, noise, restore = _scaled_blocks(x, fmt, axis, random_bits)
+    params = element_params(fmt)
+    finite = jnp.isfinite(amax)
+    live = finite & (amax > 0)
+
+    def exact(blocks: jax.Array, scale: jax.Array) -> jax.Array:
+        rounded, k, m = _exact_round(blocks, scale, params, rounding, noise)
+        return scale_float32(rounded, m, k)
+
+    def float_path(blocks: jax.Array, scale: jax.Array) -> jax.Array:
+        unit = jnp.where(live, scale, 1.0)  # an all-zero block stays zero at any scale
+        return round_float32(blocks * (1 / unit), params, rounding, noise) * unit
+
+    pred = _float_multiplies_exact(scale, live, params, rounding)
+    if isinstance(pred, bool):
+        q = (float_path if pred else exact)(blocks, scale)
+    else:
+        q = jax.lax.cond(pred, float_path, exact, blocks, scale)
+    return restore(jnp.where(finite, q, jnp.float32(jnp.nan)))
 
 
 @_compiled
@@ -334,7 +399,9 @@ def block_grid(x: jax.Array, fmt: BlockLike, axis: BlockAxes = None) -> tuple[ja
     must move, at this grid, to change its code (what the stall monitor bins updates against).
     Both float32 in x's shape; NaN in blocks that hold a NaN or an inf.
     """
-    rounded, k, m, finite, restore = _round_in_blocks(x, fmt, axis, "nearest", None)
+    blocks, amax, scale, _, restore = _scaled_blocks(x, fmt, axis, None)
+    finite = jnp.isfinite(amax)
+    rounded, k, m = _exact_round(blocks, scale, element_params(fmt), "nearest", None)
     spacing = ulp(rounded, element_params(fmt))
     nan = jnp.float32(jnp.nan)
     return (
