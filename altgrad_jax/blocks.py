@@ -204,8 +204,10 @@ def _tensor_amax(x: jax.Array, fmt: BlockLike) -> jax.Array | None:
 
 
 def _finite_amax(x: jax.Array) -> jax.Array:
-    finite = jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0)
-    return jnp.max(finite, initial=0.0).astype(jnp.float32)
+    """The largest finite ``|x|`` (0 for none), as an integer max of bits (see :func:`_amax`)."""
+    magnitudes = _as_u32(jnp.asarray(x, jnp.float32)) & jnp.uint32(0x7FFFFFFF)
+    finite = jnp.where(magnitudes < jnp.uint32(0x7F800000), magnitudes, jnp.uint32(0))
+    return _as_f32(jnp.max(finite, initial=jnp.uint32(0)))
 
 
 def _scales(amax: jax.Array, fmt: BlockLike, tensor_amax: jax.Array | None) -> jax.Array:

@@ -111,6 +111,8 @@ def make_step(model: nn.Module, candidate: str):
                 variables["params"], variables.get(QUANT_STATE, {}), x, y
             )
             params = jax.tree.map(lambda p, g: p - LEARNING_RATE * g, variables["params"], grads)
+            if QUANT_STATE not in variables:  # block formats keep no amax histories
+                return {"params": params}, loss
             return {"params": params, QUANT_STATE: state}, loss
 
     else:
