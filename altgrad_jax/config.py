@@ -21,7 +21,14 @@ from altgrad_jax._checks import (
     check_str,
 )
 from altgrad_jax.bits import ROUNDING_MODES, Rounding
-from altgrad_jax.formats import BlockFormat, FloatFormat, FormatLike, FormatParams, get_format
+from altgrad_jax.formats import (
+    BlockFormat,
+    BlockParams,
+    FloatFormat,
+    FormatLike,
+    FormatParams,
+    get_format,
+)
 from altgrad_jax.scaling import (
     AMAX_ALGORITHMS,
     DEFAULT_MARGIN,
@@ -41,10 +48,11 @@ ROLES: tuple[str, ...] = ("inputs", "weights", "output_grads")
 class TensorQuant:
     """How one tensor role is quantized: ``quantize(x, format, scale, rounding=...)``.
 
-    Everything but the format is static policy. The format is a :class:`FloatFormat` (static,
-    hashable) or traced :class:`FormatParams` arrays: build the config inside the jitted
-    function from traced params and one compiled program serves every format (such a config is
-    not hashable, so do not pass it as a static argument).
+    Everything but the format is static policy. The format is a :class:`FloatFormat` or a
+    :class:`BlockFormat` (static, hashable), or traced :class:`FormatParams` arrays or a block
+    format with a traced element (:class:`BlockParams`, from ``BlockFormat.as_arrays``): build
+    the config inside the jitted function from traced params and one compiled program serves
+    every format (such a config is not hashable, so do not pass it as a static argument).
 
     Args:
       format: a :class:`FloatFormat`, a registered name (resolved with ``get_format``) or
@@ -72,7 +80,7 @@ class TensorQuant:
     scale_min: float = DEFAULT_SCALE_MIN
 
     def __post_init__(self) -> None:
-        if not isinstance(self.format, FormatParams):
+        if not isinstance(self.format, (FormatParams, BlockParams)):
             object.__setattr__(self, "format", get_format(self.format))
         check_choice("rounding", self.rounding, ROUNDING_MODES)
         check_choice("scaling", self.scaling, SCALING_MODES)
@@ -83,7 +91,7 @@ class TensorQuant:
             object.__setattr__(self, "margin", default)
         check_positive_float("margin", self.margin)
         check_positive_float("scale_min", self.scale_min)
-        if isinstance(self.format, BlockFormat) and self.scaling != "current":
+        if isinstance(self.format, (BlockFormat, BlockParams)) and self.scaling != "current":
             raise ValueError(
                 f"{self.format.name} scales every block from its own amax (current scaling); "
                 f"scaling={self.scaling!r} is for per-tensor formats"
@@ -96,7 +104,7 @@ RoleSpec = TensorQuant | FormatLike | None
 def _as_tensor_quant(role: str, spec: RoleSpec) -> TensorQuant | None:
     if spec is None or isinstance(spec, TensorQuant):
         return spec
-    if isinstance(spec, (str, FloatFormat, BlockFormat, FormatParams)):
+    if isinstance(spec, (str, FloatFormat, BlockFormat, BlockParams, FormatParams)):
         return TensorQuant(spec)
     raise TypeError(
         f"QuantConfig.{role} must be a TensorQuant, a format (name or FloatFormat) or None, "

@@ -47,6 +47,7 @@ __all__ = [
     "BLOCK_FORMATS",
     "SCALE_RULES",
     "BlockFormat",
+    "BlockParams",
     "FloatFormat",
     "FormatBounds",
     "FormatLike",
@@ -698,6 +699,37 @@ class BlockFormat:
         """A copy with fields changed, e.g. ``MXFP4.replace(scale_rule="floor")``."""
         return dataclasses.replace(self, **changes)
 
+    @property
+    def layout(self) -> tuple:
+        """Everything but the name and the element: what a traced element leaves static."""
+        return (self.block_shape, self.scale_format, self.scale_rule, self.tensor_scale)
+
+    def as_arrays(self, within: tuple[BlockFormat | str, ...] | None = None) -> BlockParams:
+        """This format with a traced element: :class:`BlockParams`, whose element format is
+        :class:`FormatParams` arrays (``format_params(element).as_arrays(...)``).
+
+        Block formats of one layout (block size, scale format and rule, tensor scale) then
+        share one compiled program: MXFP8_E4M3, MXFP8_E5M2, MXFP6_E2M3, MXFP6_E3M2 and MXFP4
+        in a sweep. ``within`` works as in :meth:`FormatParams.as_arrays`: None lets the element
+        stand for any format (float32 input only), a tuple of block formats of this layout
+        bounds it by their elements (so bfloat16 input is accepted where they all fit), and
+        programs are shared by equal ``within``. Raises for formats of another layout.
+        """
+        elements = None
+        if within is not None:
+            others = tuple(get_format(f) for f in within)
+            for other in others:
+                if not isinstance(other, BlockFormat) or other.layout != self.layout:
+                    raise ValueError(
+                        f"{self.name}: within= needs block formats of its layout "
+                        f"{self.layout}; got {other!r}"
+                    )
+            elements = tuple(other.element for other in others)
+        element = format_params(self.element).as_arrays(within=elements)
+        return BlockParams(
+            element, self.block_size, self.scale_format, self.scale_rule, self.tensor_scale
+        )
+
     def __repr__(self) -> str:
         scale = "float32" if self.scale_format is None else self.scale_format.name
         extra = ", tensor scale" if self.tensor_scale else ""
@@ -706,6 +738,36 @@ class BlockFormat:
             f"BlockFormat({self.name}: {self.element.name} x {block}, {scale} scales "
             f"({self.scale_rule}){extra})"
         )
+
+
+@pytree_dataclass
+class BlockParams:
+    """A block format whose element format is traced :class:`FormatParams` arrays.
+
+    Made by :meth:`BlockFormat.as_arrays`; accepted wherever a block format is (``quantize``,
+    :func:`~altgrad_jax.block_scales`, the layers' :class:`~altgrad_jax.TensorQuant`). The
+    layout fields are static (part of ``jit``'s cache key, with the element's bounds), the
+    element is data: every block format of one layout runs through the same program. The
+    fields mean what they mean in :class:`BlockFormat`.
+    """
+
+    element: FormatParams
+    block_size: int | tuple[int, ...] = static_field(default=32)
+    scale_format: FloatFormat | None = static_field(default=None)
+    scale_rule: str = static_field(default="rceil")
+    tensor_scale: bool = static_field(default=False)
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """``(block_size,)`` for 1-D blocks, ``(rows, cols)`` for tiles."""
+        size = self.block_size
+        return size if isinstance(size, tuple) else (size,)
+
+    @property
+    def name(self) -> str:
+        """A display name (the element is data, so it has none of its own)."""
+        scale = "float32" if self.scale_format is None else self.scale_format.name
+        return f"traced block format ({'x'.join(map(str, self.block_shape))}, {scale} scales)"
 
 
 MXFP8_E4M3 = BlockFormat("MXFP8_E4M3", E4M3)

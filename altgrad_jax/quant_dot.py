@@ -56,9 +56,9 @@ import numpy as np
 
 from altgrad_jax._pytree import pytree_dataclass
 from altgrad_jax.bits import _as_f32
-from altgrad_jax.blocks import block_amax, block_scales, normalize_axes
+from altgrad_jax.blocks import BlockLike, block_amax, block_scales, element_params, normalize_axes
 from altgrad_jax.config import ROLES, QuantConfig, TensorQuant
-from altgrad_jax.formats import BlockFormat, FloatFormat, FormatParams, as_params, format_params
+from altgrad_jax.formats import BlockFormat, BlockParams, FloatFormat, FormatParams, as_params
 from altgrad_jax.quantize import quantize, quantize_flax
 from altgrad_jax.scaling import (
     AmaxHistory,
@@ -223,7 +223,7 @@ def tensor_stats(x: jax.Array, q: jax.Array, params: FormatParams, scale: jax.Ar
     return QuantStats(counts, jnp.max(scale, initial=0.0))
 
 
-def block_stats(x: jax.Array, q: jax.Array, fmt: BlockFormat, axis: int) -> QuantStats:
+def block_stats(x: jax.Array, q: jax.Array, fmt: BlockLike, axis: int) -> QuantStats:
     """:class:`QuantStats` of ``q = quantize(x, fmt, axis=axis)`` (1-D blocks along ``axis``,
     or tiles over the last two axes), block counts included."""
     scales = block_scales(x, fmt, axis=None if len(fmt.block_shape) == 2 else axis)
@@ -233,7 +233,7 @@ def block_stats(x: jax.Array, q: jax.Array, fmt: BlockFormat, axis: int) -> Quan
         expanded = jnp.repeat(expanded, size, axis=a)[
             tuple(slice(0, x.shape[d]) if d == a else slice(None) for d in range(x.ndim))
         ]
-    params = format_params(fmt.element)
+    params = element_params(fmt)
     stats = tensor_stats(x, q, params, jnp.where(jnp.isfinite(expanded), expanded, 1.0))
     x32 = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
     q32 = jax.lax.stop_gradient(jnp.asarray(q, jnp.float32))
@@ -497,65 +497,96 @@ class ContractionAxes(NamedTuple):
     """Which axes a bilinear op contracts, so block formats can block along them.
 
     ``lhs``/``rhs`` are the operands' contracted axes; ``out_lhs``/``out_rhs`` the output axes
-    that come from the operands' free axes (the "tokens" and the output features). Batch axes
-    (shared by both operands and the output) are not supported with block formats.
+    that come from the operands' free axes (the "tokens" and the output features);
+    ``lhs_batch``/``rhs_batch``/``out_batch`` the batch axes, shared by both operands and the
+    output (attention's batch and heads). Every GEMM of training blocks each batch element on
+    its own: a block never spans two of them (2-D tiles neither).
     """
 
     lhs: tuple[int, ...]
     rhs: tuple[int, ...]
     out_lhs: tuple[int, ...]
     out_rhs: tuple[int, ...]
+    lhs_batch: tuple[int, ...] = ()
+    rhs_batch: tuple[int, ...] = ()
+    out_batch: tuple[int, ...] = ()
 
     @classmethod
     def of_dot_general(cls, lhs_ndim: int, rhs_ndim: int, dimension_numbers) -> ContractionAxes:
+        """The axes of ``lax.dot_general`` (output: batch, lhs free, rhs free)."""
         (lc, rc), (lb, rb) = dimension_numbers
-        if lb or rb:
-            raise ValueError("block formats do not support batch dimensions of a dot_general")
-        lc = tuple(a % lhs_ndim for a in lc)
-        rc = tuple(a % rhs_ndim for a in rc)
-        n_lhs_free = lhs_ndim - len(lc)
-        n_rhs_free = rhs_ndim - len(rc)
+        lc, lb = (tuple(a % lhs_ndim for a in axes) for axes in (lc, lb))
+        rc, rb = (tuple(a % rhs_ndim for a in axes) for axes in (rc, rb))
+        n_batch = len(lb)
+        n_lhs_free = lhs_ndim - len(lc) - n_batch
+        n_rhs_free = rhs_ndim - len(rc) - n_batch
         return cls(
             lc,
             rc,
-            tuple(range(n_lhs_free)),
-            tuple(range(n_lhs_free, n_lhs_free + n_rhs_free)),
+            tuple(range(n_batch, n_batch + n_lhs_free)),
+            tuple(range(n_batch + n_lhs_free, n_batch + n_lhs_free + n_rhs_free)),
+            lb,
+            rb,
+            tuple(range(n_batch)),
         )
 
     @classmethod
-    def of_einsum(cls, subscripts: str) -> ContractionAxes:
+    def of_einsum(
+        cls, subscripts: str, lhs_ndim: int | None = None, rhs_ndim: int | None = None
+    ) -> ContractionAxes:
+        """The axes of ``jnp.einsum(subscripts, lhs, rhs)``: labels in both operands and the
+        output are batch axes, in both operands only contracted; ``...`` (which needs the
+        operands' ``ndim``) stands for leading axes, batch where both operands have them."""
         inputs, out = subscripts.replace(" ", "").split("->")
         left, right = inputs.split(",")
+        if "..." in subscripts:
+            if lhs_ndim is None or rhs_ndim is None:
+                raise ValueError(f"einsum {subscripts!r} has '...': pass the operands' ndim")
+            n_left = lhs_ndim - len(left.replace("...", ""))
+            n_right = rhs_ndim - len(right.replace("...", ""))
+            dims = [chr(0x100 + i) for i in range(max(n_left, n_right))]  # labels of '...'
+            left = left.replace("...", "".join(dims[len(dims) - n_left :]))
+            right = right.replace("...", "".join(dims[len(dims) - n_right :]))
+            out = out.replace("...", "".join(dims))
         shared = set(left) & set(right)
-        if shared & set(out):
-            raise ValueError(f"block formats do not support batch axes of einsum {subscripts!r}")
+        batch = [c for c in out if c in shared]
         return cls(
-            tuple(i for i, c in enumerate(left) if c in shared),
-            tuple(i for i, c in enumerate(right) if c in shared),
-            tuple(i for i, c in enumerate(out) if c in left),
-            tuple(i for i, c in enumerate(out) if c in right),
+            tuple(i for i, c in enumerate(left) if c in shared and c not in out),
+            tuple(i for i, c in enumerate(right) if c in shared and c not in out),
+            tuple(i for i, c in enumerate(out) if c in left and c not in shared),
+            tuple(i for i, c in enumerate(out) if c in right and c not in shared),
+            tuple(left.index(c) for c in batch),
+            tuple(right.index(c) for c in batch),
+            tuple(out.index(c) for c in batch),
         )
 
 
-def free_axes(ndim: int, contracted: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(a for a in range(ndim) if a not in contracted)
+def free_axes(
+    ndim: int, contracted: tuple[int, ...], batch: tuple[int, ...] = ()
+) -> tuple[int, ...]:
+    """The axes of an ``ndim``-D operand that are neither contracted nor batch axes."""
+    return tuple(a for a in range(ndim) if a not in contracted and a not in batch)
 
 
 def quantize_along(
-    x: jax.Array, tq: TensorQuant, axes: tuple[int, ...], key: jax.Array | None
+    x: jax.Array,
+    tq: TensorQuant,
+    axes: tuple[int, ...],
+    key: jax.Array | None,
+    batch: tuple[int, ...] = (),
 ) -> jax.Array:
     """``x`` in the block format of ``tq`` with 1-D blocks along ``axes`` (several axes are
-    merged into one, in order), or 2-D tiles over (the other axes, ``axes``) merged."""
+    merged into one, in order), or 2-D tiles over (the other axes, ``axes``) merged, each
+    element of the ``batch`` axes on its own."""
     fmt = tq.format
-    rest = free_axes(x.ndim, axes)
-    order = (*rest, *axes)
+    rest = free_axes(x.ndim, axes, batch)
+    order = (*batch, *rest, *axes)
     moved = jnp.transpose(x, order)
-    lead = moved.shape[: len(rest)]
-    merged_rest = math.prod(lead)
-    merged = math.prod(moved.shape[len(rest) :])
+    lead = moved.shape[: len(batch) + len(rest)]
+    merged = math.prod(moved.shape[len(lead) :])
     if len(fmt.block_shape) == 2:
-        flat = moved.reshape(merged_rest, merged)
-        q = quantize(flat, fmt, rounding=tq.rounding, key=key, axis=(0, 1))
+        flat = moved.reshape(*lead[: len(batch)], math.prod(lead[len(batch) :]), merged)
+        q = quantize(flat, fmt, rounding=tq.rounding, key=key, axis=(-2, -1))
     else:
         flat = moved.reshape(*lead, merged)
         q = quantize(flat, fmt, rounding=tq.rounding, key=key, axis=-1)
@@ -575,16 +606,38 @@ class _BlockPolicy(NamedTuple):
 
 
 def _is_block(tq: TensorQuant | None) -> bool:
-    return tq is not None and isinstance(tq.format, BlockFormat)
+    return tq is not None and isinstance(tq.format, (BlockFormat, BlockParams))
 
 
-def _operand(x, tq, fixed, axes, key):
+def _hoisted(tq: TensorQuant | None) -> tuple[TensorQuant | None, list | None]:
+    """A role's policy with the arrays of a traced format taken out (None in their place), and
+    those arrays: the policy is a static argument of the block GEMM's custom VJP (hashable, no
+    tracers), the arrays are primal inputs, as the output-gradient quantizer passes them."""
+    if tq is None or isinstance(tq.format, (FloatFormat, BlockFormat)):
+        return tq, None
+    leaves, treedef = jax.tree.flatten(tq.format)
+    return dataclasses.replace(tq, format=treedef.unflatten([None] * len(leaves))), leaves
+
+
+def _with_formats(policy: _BlockPolicy, formats: tuple) -> _BlockPolicy:
+    """``policy`` with the traced formats of :func:`_hoisted` put back."""
+    roles = {}
+    for name, leaves in zip(("inputs", "weights", "output_grads"), formats, strict=True):
+        tq = getattr(policy, name)
+        if leaves is not None:
+            treedef = jax.tree.structure(tq.format, is_leaf=lambda node: node is None)
+            roles[name] = dataclasses.replace(tq, format=treedef.unflatten(leaves))
+    return policy._replace(**roles)
+
+
+def _operand(x, tq, fixed, axes, key, batch=()):
     """One GEMM's copy of an operand: per-tensor roles are quantized once (``fixed``), block
-    roles along this GEMM's contraction ``axes``, from the high-precision ``x``."""
+    roles along this GEMM's contraction ``axes`` (per ``batch`` element), from the
+    high-precision ``x``."""
     if fixed is not None:
         return fixed
     if _is_block(tq):
-        return quantize_along(x, tq, axes, key)
+        return quantize_along(x, tq, axes, key, batch)
     return x
 
 
@@ -593,36 +646,41 @@ def _fold(key, i):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _block_gemm(policy: _BlockPolicy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys, hadamard_key):
+def _block_gemm(
+    policy: _BlockPolicy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys, hadamard_key, formats
+):
     del probe, hadamard_key
+    policy = _with_formats(policy, formats)
     ax = policy.axes
-    ql = _operand(lhs, policy.inputs, lhs_fixed, ax.lhs, _fold(keys[0], 0))
-    qr = _operand(rhs, policy.weights, rhs_fixed, ax.rhs, _fold(keys[1], 0))
+    ql = _operand(lhs, policy.inputs, lhs_fixed, ax.lhs, _fold(keys[0], 0), ax.lhs_batch)
+    qr = _operand(rhs, policy.weights, rhs_fixed, ax.rhs, _fold(keys[1], 0), ax.rhs_batch)
     return policy.contract(ql, qr)
 
 
-def _block_gemm_fwd(policy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys, hadamard_key):
-    y = _block_gemm(policy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys, hadamard_key)
-    return y, (lhs, rhs, lhs_fixed, rhs_fixed, keys, hadamard_key)
+def _block_gemm_fwd(policy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys, hadamard_key, formats):
+    y = _block_gemm(policy, lhs, rhs, lhs_fixed, rhs_fixed, probe, keys, hadamard_key, formats)
+    return y, (lhs, rhs, lhs_fixed, rhs_fixed, keys, hadamard_key, formats)
 
 
 def _block_gemm_bwd(policy: _BlockPolicy, residuals, dy):
-    lhs, rhs, lhs_fixed, rhs_fixed, keys, hadamard_key = residuals
+    lhs, rhs, lhs_fixed, rhs_fixed, keys, hadamard_key, formats = residuals
+    policy = _with_formats(policy, formats)
     ax, tg = policy.axes, policy.output_grads
     stats = None
     dy_for_weights, lhs_for_weights = dy, lhs
     if policy.hadamard is not None:
         # The same orthogonal R on the tokens of x and dY: (R x)^T (R dY) = x^T dY.
         rotation = random_hadamard(policy.hadamard, hadamard_key)
-        lhs_for_weights = _rotate_tokens(lhs, free_axes(lhs.ndim, ax.lhs), rotation)
+        tokens = free_axes(lhs.ndim, ax.lhs, ax.lhs_batch)
+        lhs_for_weights = _rotate_tokens(lhs, tokens, rotation)
         dy_for_weights = _rotate_tokens(dy, ax.out_lhs, rotation)
         lhs_fixed = None  # a per-tensor copy must be requantized after the rotation
     if _is_block(tg):
         # dY along N for the input gradient, along the tokens for the weight gradient.
-        dy_n = quantize_along(dy, tg, ax.out_rhs, _fold(keys[2], 1))
-        dy_t = quantize_along(dy_for_weights, tg, ax.out_lhs, _fold(keys[2], 2))
+        dy_n = quantize_along(dy, tg, ax.out_rhs, _fold(keys[2], 1), ax.out_batch)
+        dy_t = quantize_along(dy_for_weights, tg, ax.out_lhs, _fold(keys[2], 2), ax.out_batch)
         if policy.with_stats:
-            stats = _merged_block_stats(dy, dy_n, tg, ax.out_rhs)
+            stats = _merged_block_stats(dy, dy_n, tg, ax.out_rhs, ax.out_batch)
     elif tg is not None:
         scale = compute_scale(finite_amax(dy), tg.format, tg.scale_min, tg.margin)
         dy_n = dy_t = quantize(dy, tg.format, scale, rounding=tg.rounding, key=_fold(keys[2], 1))
@@ -633,20 +691,32 @@ def _block_gemm_bwd(policy: _BlockPolicy, residuals, dy):
     else:
         dy_n, dy_t = dy, dy_for_weights
     # W along N for the input gradient, x along the tokens for the weight gradient.
-    w_n = _operand(rhs, policy.weights, rhs_fixed, free_axes(rhs.ndim, ax.rhs), _fold(keys[1], 1))
+    w_n = _operand(
+        rhs,
+        policy.weights,
+        rhs_fixed,
+        free_axes(rhs.ndim, ax.rhs, ax.rhs_batch),
+        _fold(keys[1], 1),
+        ax.rhs_batch,
+    )
     inputs = policy.inputs
     if policy.hadamard is not None and inputs is not None and not _is_block(inputs):
         x_t = _per_tensor(lhs_for_weights, inputs, _fold(keys[0], 1))
     else:
         x_t = _operand(
-            lhs_for_weights, inputs, lhs_fixed, free_axes(lhs.ndim, ax.lhs), _fold(keys[0], 1)
+            lhs_for_weights,
+            inputs,
+            lhs_fixed,
+            free_axes(lhs.ndim, ax.lhs, ax.lhs_batch),
+            _fold(keys[0], 1),
+            ax.lhs_batch,
         )
     _, lhs_vjp = jax.vjp(lambda a: policy.contract(a, w_n), lhs)
     _, rhs_vjp = jax.vjp(lambda b: policy.contract(x_t, b), rhs)
     (dx,) = lhs_vjp(dy_n)
     (dw,) = rhs_vjp(dy_t)
     probe_ct = None if stats is None else stats.to_probe()
-    return dx, dw, None, None, probe_ct, None, None
+    return dx, dw, None, None, probe_ct, None, None, None
 
 
 _block_gemm.defvjp(_block_gemm_fwd, _block_gemm_bwd)
@@ -685,12 +755,13 @@ def _rotate_tokens(x: jax.Array, tokens: tuple[int, ...], rotation: jax.Array) -
     return jnp.transpose(rotated.reshape(moved.shape), np.argsort(order))
 
 
-def _merged_block_stats(x, q, tq, axes) -> QuantStats:
-    """:func:`block_stats` of a tensor blocked along (possibly several, merged) ``axes``."""
-    rest = free_axes(x.ndim, axes)
-    order = (*rest, *axes)
-    lead = math.prod(x.shape[a] for a in rest)
-    flat = lambda t: jnp.transpose(t, order).reshape(lead, -1)  # noqa: E731
+def _merged_block_stats(x, q, tq, axes, batch=()) -> QuantStats:
+    """:func:`block_stats` of a tensor blocked along (possibly several, merged) ``axes``, per
+    element of the ``batch`` axes (as :func:`quantize_along` blocks it)."""
+    rest = free_axes(x.ndim, axes, batch)
+    order = (*batch, *rest, *axes)
+    shape = (math.prod(x.shape[a] for a in batch), math.prod(x.shape[a] for a in rest), -1)
+    flat = lambda t: jnp.transpose(t, order).reshape(shape)  # noqa: E731
     return block_stats(flat(x), flat(q), tq.format, -1)
 
 
@@ -700,14 +771,18 @@ def _block_contract(contract, lhs, rhs, config, state, keys, axes):
     changes: dict[str, AmaxHistory] = {}
     stats: dict[str, QuantStats] = {}
     fixed: dict[str, jax.Array | None] = {"inputs": None, "weights": None}
-    for role, x, contracted in (("inputs", lhs, axes.lhs), ("weights", rhs, axes.rhs)):
+    operands = (
+        ("inputs", lhs, axes.lhs, axes.lhs_batch),
+        ("weights", rhs, axes.rhs, axes.rhs_batch),
+    )
+    for role, x, contracted, batch in operands:
         tq = config.role(role)
         if tq is None:
             continue
         if _is_block(tq):
             if config.stats:
-                q = quantize_along(x, tq, contracted, _fold(keys[role], 0))
-                stats[role] = _merged_block_stats(x, q, tq, contracted)
+                q = quantize_along(x, tq, contracted, _fold(keys[role], 0), batch)
+                stats[role] = _merged_block_stats(x, q, tq, contracted, batch)
             continue
         fixed[role], changes[role], role_stats = _quantize_operand(
             x, tq, getattr(state, role), keys[role], config.stats
@@ -721,12 +796,23 @@ def _block_contract(contract, lhs, rhs, config, state, keys, axes):
             f"output-gradient scaling {grads.scaling!r} is not supported there"
         )
     probe = state.output_grads_stats
+    roles = [_hoisted(config.role(r)) for r in ROLES]
     policy = _BlockPolicy(
-        contract, axes, config.inputs, config.weights, grads, probe is not None, config.hadamard
+        contract, axes, *(tq for tq, _ in roles), probe is not None, config.hadamard
     )
+    formats = tuple(leaves for _, leaves in roles)
     role_keys_ = (keys["inputs"], keys["weights"], keys["output_grads"])
+    hadamard_key = keys.get("hadamard")
     y = _block_gemm(
-        policy, lhs, rhs, fixed["inputs"], fixed["weights"], probe, role_keys_, keys.get("hadamard")
+        policy,
+        lhs,
+        rhs,
+        fixed["inputs"],
+        fixed["weights"],
+        probe,
+        role_keys_,
+        hadamard_key,
+        formats,
     )
     return y, dataclasses.replace(state, **changes), stats
 

@@ -39,16 +39,19 @@ Both compute:
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from altgrad_jax._checks import check_choice
 from altgrad_jax.bits import ROUNDING_MODES, Rounding, round_float32, scale_float32, split_scale
-from altgrad_jax.blocks import quantize_blocks
+from altgrad_jax.blocks import element_params, quantize_blocks
 from altgrad_jax.formats import (
     ANY_FORMAT,
     BlockFormat,
+    BlockParams,
     FormatLike,
     FormatParams,
     as_params,
@@ -207,7 +210,8 @@ def quantize(
 
     Args:
       x: float32, bfloat16 or float16 array (the smaller dtypes widen to float32 exactly).
-      fmt: a format, its name, or :class:`FormatParams` arrays for a traced format.
+      fmt: a format, its name, or :class:`FormatParams` arrays for a traced format (a block
+        format with a traced element: :class:`~altgrad_jax.formats.BlockParams`).
       scale: positive scale, a scalar or an array that broadcasts *to* ``x``'s shape (checked at
         trace time); no gradient flows into it. Concrete scales must be positive, finite and
         normal in float32 (``ValueError`` otherwise); a traced scale that is not positive and
@@ -226,15 +230,17 @@ def quantize(
     if rounding == "stochastic" and key is None:
         raise ValueError("rounding='stochastic' needs a PRNG key: quantize(..., key=key)")
     x = jnp.asarray(x)
-    traced = fmt if isinstance(fmt, FormatParams) else None
+    traced = fmt if isinstance(fmt, (FormatParams, BlockParams)) else None
     static = None if traced is not None else get_format(fmt)
     unit_scale = isinstance(scale, (int, float)) and scale == 1
-    if isinstance(static, BlockFormat):
+    block = _block_format(static, traced)
+    if block is not None:
         if not unit_scale:
             raise ValueError(
-                f"{static.name} takes its scales from its blocks; do not pass scale={scale!r}"
+                f"{block.name} takes its scales from its blocks; do not pass scale={scale!r}"
             )
-        _check_input(x, as_params(static.element), static.element.name)
+        name = block.element.name if isinstance(block, BlockFormat) else None
+        _check_input(x, element_params(block), name)
     else:
         if axis is not None:
             raise ValueError(f"axis={axis!r} is for block formats; {fmt!r} scales the whole tensor")
@@ -249,13 +255,21 @@ def quantize(
     return _quantize(*args, **options, concrete_scale=concrete_scale)
 
 
+def _block_format(static: Any, traced: Any) -> BlockFormat | BlockParams | None:
+    """The block format among a static format and traced parameters, if it is one."""
+    if isinstance(traced, BlockParams):
+        return traced
+    return static if isinstance(static, BlockFormat) else None
+
+
 def _quantize(x, scale, key, traced, *, fmt, rounding, clip_gradient, axis, concrete_scale=None):
     """quantize after validation; ``scale`` None is the unit scale, ``traced`` the traced
     format's parameters (then ``fmt`` is None)."""
     x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
-    if isinstance(fmt, BlockFormat):
+    block = _block_format(fmt, traced)
+    if block is not None:
         noise = random_bits(key, x32.shape) if rounding == "stochastic" else None
-        quantized = quantize_blocks(x32, fmt, axis, rounding, noise).astype(x.dtype)
+        quantized = quantize_blocks(x32, block, axis, rounding, noise).astype(x.dtype)
         return _straight_through(x, quantized)
     params = traced if traced is not None else as_params(fmt)
     if scale is None:

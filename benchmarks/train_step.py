@@ -1,11 +1,13 @@
-"""Train-step time and memory: plain Flax vs Flax fp8_ops vs altgrad_jax (E4M3 fwd / E5M2 bwd).
+"""Train-step time and memory: plain Flax vs Flax fp8_ops vs altgrad_jax per-tensor FP8 and blocks.
 
 Two models, each as one jitted SGD train step: an MLP (4 x 1024, batch 256) and a small
-pre-LN transformer block. The three candidates differ only in the dot_general of their Dense
-layers. Candidates are interleaved (each repetition runs all three in turn, so drift in the
-machine's speed hits them alike) and the median step time is reported with the ratios, plus the
-compiled step's memory from ``compiled.memory_analysis()`` and the bytes it moves from
-``compiled.cost_analysis()`` (independent of machine load). Prints only; asserts nothing.
+pre-LN transformer block. The candidates differ only in the dot_general of their Dense layers:
+plain, Flax's fp8_ops, ours per-tensor (E4M3 forward / E5M2 backward, "ours"), ours MXFP8
+(MXFP8_E4M3 / MXFP8_E5M2) and ours NVFP4 (every role, each GEMM quantizing its own operands along
+its contraction axis). Candidates are interleaved (each repetition runs all of them in turn, so
+drift in the machine's speed hits them alike) and the median step time is reported with the
+ratios, plus the compiled step's memory from ``compiled.memory_analysis()`` and the bytes it
+moves from ``compiled.cost_analysis()`` (independent of machine load). Prints only; asserts nothing.
 
     python benchmarks/train_step.py [--quick] [--reps N]
 """
@@ -23,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import altgrad_jax as ag
 from altgrad_jax.config import QuantConfig
 from altgrad_jax.linen import QUANT_STATE, QuantDotGeneral, quant_value_and_grad
 
@@ -35,13 +38,21 @@ FP8_COLLECTION = "_overwrite_with_gradient"
 LEARNING_RATE = 1e-3
 
 
+CONFIGS = {
+    "ours": QuantConfig(),
+    "mxfp8": QuantConfig(ag.MXFP8_E4M3, ag.MXFP8_E4M3, ag.MXFP8_E5M2),
+    "nvfp4": QuantConfig(ag.NVFP4, ag.NVFP4, ag.NVFP4),
+}
+"""altgrad_jax's candidates: per-tensor FP8 (the default config) and two block formats."""
+
+
 def dense_factory(candidate: str) -> Callable[..., nn.Dense]:
     """``nn.Dense`` with the candidate's dot_general."""
     if candidate == "plain":
         return nn.Dense
     if candidate == "fp8_ops":
         return functools.partial(nn.Dense, dot_general_cls=fp8_ops.Fp8DotGeneralOp)
-    dot_general = functools.partial(QuantDotGeneral, config=QuantConfig())
+    dot_general = functools.partial(QuantDotGeneral, config=CONFIGS[candidate])
     return functools.partial(nn.Dense, dot_general_cls=dot_general)
 
 
@@ -87,7 +98,7 @@ def make_step(model: nn.Module, candidate: str):
     def mse(out, y):
         return jnp.mean((out - y) ** 2)
 
-    if candidate == "ours":
+    if candidate in CONFIGS:
 
         def loss_fn(params, state, x, y):
             out, updates = model.apply(
@@ -100,6 +111,8 @@ def make_step(model: nn.Module, candidate: str):
                 variables["params"], variables.get(QUANT_STATE, {}), x, y
             )
             params = jax.tree.map(lambda p, g: p - LEARNING_RATE * g, variables["params"], grads)
+            if QUANT_STATE not in variables:  # block formats keep no amax histories
+                return {"params": params}, loss
             return {"params": params, QUANT_STATE: state}, loss
 
     else:
@@ -116,7 +129,7 @@ def make_step(model: nn.Module, candidate: str):
 
 
 def benchmark(name: str, build: Callable[[str], nn.Module], x, y, reps: int) -> None:
-    candidates = ["plain", "ours"] + (["fp8_ops"] if fp8_ops is not None else [])
+    candidates = ["plain", *CONFIGS] + (["fp8_ops"] if fp8_ops is not None else [])
     steps, states, memory, traffic = {}, {}, {}, {}
     for candidate in candidates:
         model = build(candidate)
@@ -162,6 +175,11 @@ def benchmark(name: str, build: Callable[[str], nn.Module], x, y, reps: int) -> 
             f"   bytes accessed {moved_text}"
         )
     print(f"  ours / plain   = {median['ours'] / median['plain']:.3f}")
+    for blocks in ("mxfp8", "nvfp4"):
+        print(
+            f"  {blocks} / plain  = {median[blocks] / median['plain']:.3f}   "
+            f"{blocks} / ours (per-tensor FP8) = {median[blocks] / median['ours']:.3f}"
+        )
     if "fp8_ops" in median:
         print(f"  ours / fp8_ops = {median['ours'] / median['fp8_ops']:.3f}")
 

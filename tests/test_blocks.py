@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import count_compiles
 from gfloat import formats as gformats
 
 import altgrad_jax as ag
@@ -37,15 +38,18 @@ def _hard_blocks(rng: np.random.Generator, rows: int = 48) -> np.ndarray:
 def test_mx_floor_rule_is_bit_exact_against_gfloat(name):
     fmt = ag.get_format(name).replace(scale_rule="floor")
     x = _hard_blocks(np.random.default_rng(0))
-    ours = np.asarray(jax.jit(lambda v: ag.quantize(v, fmt))(x))
-    ref = np.stack(
-        [
-            gfloat.quantize_block(MX[name], row.astype(np.float64), gfloat.compute_scale_amax)
-            for row in x
-        ]
-    ).astype(np.float32)
-    np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))
-    np.testing.assert_array_equal(np.asarray(ag.quantize(x, fmt)), ours)  # eager == jit
+    amax = np.abs(x).max(axis=1)
+    # All rows (tiny ones: integer scaling) and the moderate ones (plain float multiplies).
+    for rows in (x, x[(amax > 2.0**-90) & (amax < 2.0**90)]):
+        ours = np.asarray(jax.jit(lambda v: ag.quantize(v, fmt))(rows))
+        ref = np.stack(
+            [
+                gfloat.quantize_block(MX[name], row.astype(np.float64), gfloat.compute_scale_amax)
+                for row in rows
+            ]
+        ).astype(np.float32)
+        np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))
+        np.testing.assert_array_equal(np.asarray(ag.quantize(rows, fmt)), ours)  # eager == jit
 
 
 def _exact_rceil_exponent(amax: float, element_max: float) -> int:
@@ -158,11 +162,12 @@ def _nvfp4_reference(x: np.ndarray) -> np.ndarray:
     """NVFP4 from its formula, with ml_dtypes for the E4M3 and E2M1 roundings (float64 math)."""
     import ml_dtypes
 
-    t = np.float32(np.max(np.abs(x)) / np.float32(448 * 6))
+    one = np.float32(1)
+    t = np.max(np.abs(x)) * (one / np.float32(448 * 6))  # divisions: times the reciprocal
     out = np.empty_like(x)
     for i in range(0, x.shape[-1], 16):
         block = x[..., i : i + 16]
-        ratio = np.float32(np.max(np.abs(block), axis=-1, keepdims=True) / np.float32(6) / t)
+        ratio = np.max(np.abs(block), axis=-1, keepdims=True) * (one / np.float32(6)) * (one / t)
         s_b = ratio.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
         s_b = np.maximum(s_b, np.float32(2.0**-9))
         s = np.float32(t * s_b)
@@ -215,3 +220,32 @@ def test_block_formats_are_registered_and_validated():
         ag.quantize(jnp.ones((2, 32)), ag.MXFP4, axis=2)
     with pytest.raises(ValueError, match="scale"):
         ag.quantize(jnp.ones((2, 32)), ag.MXFP4, 0.5)
+
+
+def test_traced_element_formats_share_one_program_per_layout_and_give_the_static_bits():
+    x = _hard_blocks(np.random.default_rng(4), rows=12)
+    traced = count_compiles(lambda v, p: (ag.quantize(v, p), ag.block_scales(v, p)))
+    run = jax.jit(traced)
+    mx = tuple(ag.get_format(name) for name in sorted(MX))
+    even = tuple(f.replace(scale_rule="even") for f in (ag.MXFP8_E4M3, ag.MXFP6_E2M3))
+    cases = [(mx, f) for f in mx] + [(even, f) for f in even]
+    cases += [((ag.NVFP4,), ag.NVFP4), ((ag.FP8_E4M3_1X128,), ag.FP8_E4M3_1X128)]
+    for family, fmt in cases:
+        q, scales = run(x, fmt.as_arrays(within=family))
+        expected = jax.jit(lambda v, f=fmt: (ag.quantize(v, f), ag.block_scales(v, f)))(x)
+        np.testing.assert_array_equal(np.asarray(q).view(np.uint32), f32_view(expected[0]))
+        np.testing.assert_array_equal(np.asarray(scales), np.asarray(expected[1]))
+    assert traced.traces == 4  # MX rceil, MX even, NVFP4, 1x128: one program per layout
+    # bfloat16 input where the bounds allow it; any-format params take float32 only.
+    xb = jnp.asarray(x[:2]).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(
+        ag.quantize(xb, ag.MXFP4.as_arrays(within=mx)), ag.quantize(xb, ag.MXFP4)
+    )
+    with pytest.raises(ValueError, match="float32 input only"):
+        ag.quantize(xb, ag.MXFP4.as_arrays())
+    with pytest.raises(ValueError, match="layout"):
+        ag.MXFP4.as_arrays(within=(ag.NVFP4,))
+
+
+def f32_view(x) -> np.ndarray:
+    return np.asarray(x, np.float32).view(np.uint32)

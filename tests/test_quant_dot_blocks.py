@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import count_compiles
 from flax import nnx
 
 import altgrad_jax as ag
@@ -110,9 +113,8 @@ def test_block_formats_refuse_what_they_cannot_do():
     layer = qlinen.QuantDense(4, config=config)
     with pytest.raises(ValueError, match="delayed output-gradient"):
         layer.init(jax.random.key(0), jnp.ones((2, 32)))
-    batched = qlinen.QuantEinsum((4, 3, 5), "bhk,hkn->bhn", config=QuantConfig(ag.MXFP4, ag.MXFP4))
-    with pytest.raises(ValueError, match="batch axes"):
-        batched.init(jax.random.key(0), jnp.ones((2, 4, 3)))
+    with pytest.raises(ValueError, match="ndim"):
+        qd.ContractionAxes.of_einsum("...k,kn->...n")
 
 
 def test_random_hadamard_is_orthogonal_and_leaves_the_unquantized_gemm_unchanged():
@@ -139,3 +141,115 @@ def test_random_hadamard_is_orthogonal_and_leaves_the_unquantized_gemm_unchanged
     params = mx.init(rngs, x)["params"]
     with pytest.raises(ValueError, match="multiple of 16"):
         jax.grad(lambda p: jnp.sum(mx.apply({"params": p}, x, rngs=rngs)))(params)
+
+
+def test_traced_element_formats_give_the_static_bits_in_one_compiled_train_step():
+    """Integer data: every quantized value is an integer and every GEMM is exact in float32, so
+    the two programs may sum in any order and still agree bit for bit."""
+    family = (ag.MXFP8_E4M3, ag.MXFP6_E2M3, ag.MXFP4)
+    rng = np.random.default_rng(0)
+    x, dy = (rng.integers(-16, 17, shape).astype(np.float32) for shape in ((48, 64), (48, 40)))
+    params = {"kernel": rng.integers(-16, 17, (64, 40)).astype(np.float32), "bias": dy[0]}
+
+    def step(params, fmt):
+        layer = qlinen.QuantDense(40, config=QuantConfig(fmt, fmt, fmt))
+
+        def loss(p, x):
+            return jnp.sum(layer.apply({"params": p}, x) * dy)
+
+        return layer.apply({"params": params}, x), jax.grad(loss, argnums=(0, 1))(params, x)
+
+    traced = count_compiles(step)
+    run = jax.jit(traced)
+    for fmt in family:
+        got = run(params, fmt.as_arrays(within=family))
+        expected = jax.jit(step, static_argnums=1)(params, fmt)
+        jax.tree.map(np.testing.assert_array_equal, got, expected)
+    assert traced.traces == 1
+
+
+def _integers(rng, shape, scale_axes):
+    """Integers in [-16, 16] times a power of two per index of ``scale_axes``: every quantized
+    value is a multiple of a power of two and every GEMM is exact in float32."""
+    spread = rng.integers(-3, 4, [shape[a] if a in scale_axes else 1 for a in range(len(shape))])
+    return (rng.integers(-16, 17, shape) * np.exp2(spread)).astype(np.float32)
+
+
+def test_batched_einsum_blocks_each_batch_element_along_each_gemms_own_axes():
+    """Attention's scores ``q k^T`` with batch and heads: q and k along d forward; dS along k
+    with k along its length for dq; dS and q along the query length for dk."""
+    rng = np.random.default_rng(5)
+    q, k = (_integers(rng, (2, n, 3, 64), (0, 2)) for n in (40, 36))
+    dy = _integers(rng, (2, 3, 40, 36), (0, 1))
+    subscripts = "bqhd,bkhd->bhqk"
+    config = QuantConfig(ag.MXFP4, ag.MXFP4, ag.MXFP4)
+    axes = qd.ContractionAxes.of_einsum(subscripts, 4, 4)
+    assert axes == qd.ContractionAxes((3,), (3,), (2,), (3,), (0, 2), (0, 2), (0, 1))
+
+    def scores(a, b):
+        contract = functools.partial(jnp.einsum, subscripts)
+        state = qd.QuantDotState.create(config)
+        return qd.quantized_contract(contract, a, b, config, state, None, axes)[0]
+
+    y, vjp = jax.jit(lambda a, b: jax.vjp(scores, a, b))(q, k)
+    dq, dk = jax.jit(vjp)(dy)
+    np.testing.assert_array_equal(y, jnp.einsum(subscripts, _q(q, ag.MXFP4, 3), _q(k, ag.MXFP4, 3)))
+    dq_expected = jnp.einsum("bhqk,bkhd->bqhd", _q(dy, ag.MXFP4, 3), _q(k, ag.MXFP4, 1))
+    dk_expected = jnp.einsum("bhqk,bqhd->bkhd", _q(dy, ag.MXFP4, 2), _q(q, ag.MXFP4, 1))
+    np.testing.assert_array_equal(dq, dq_expected)
+    np.testing.assert_array_equal(dk, dk_expected)
+    # dot_general batch dimensions, and 2-D tiles that never span two batch elements.
+    batched = qd.ContractionAxes.of_dot_general(3, 3, (((2,), (1,)), ((0,), (0,))))
+    assert batched == qd.ContractionAxes((2,), (1,), (1,), (2,), (0,), (0,), (0,))
+    tiles = TensorQuant(ag.MXFP8_E4M3.replace(block_size=(8, 16)))
+    x = q[:, :16, 0, :]
+    per_batch = jnp.stack([ag.quantize(x[i], tiles.format) for i in range(2)])
+    np.testing.assert_array_equal(qd.quantize_along(x, tiles, (2,), None, (0,)), per_batch)
+
+
+def test_embedding_lookup_and_attend_block_the_table_along_its_features():
+    config = QuantConfig(ag.MXFP4, ag.MXFP4, ag.MXFP8_E5M2)
+    ids = jnp.array([[1, 2, 3], [4, 1, 49]])
+    linen = qlinen.QuantEmbed(50, 64, config=config)
+    params = linen.init(jax.random.key(0), ids)["params"]
+    table = params["embedding"]
+    rows = _q(table, ag.MXFP4, 1)
+    dy = jnp.asarray(_integers(np.random.default_rng(6), (2, 3, 64), (0,)))
+
+    def loss(p):
+        return jnp.sum(linen.apply({"params": p}, ids) * dy)
+
+    np.testing.assert_array_equal(linen.apply({"params": params}, ids), rows[ids])
+    # The table's gradient adds rows of dY, blocked along the tokens (id 1 is read twice).
+    dy_t = _q(dy.reshape(6, 64), ag.MXFP8_E5M2, 0)
+    expected = jnp.zeros_like(table).at[ids.reshape(-1)].add(dy_t)
+    np.testing.assert_array_equal(jax.jit(jax.grad(loss))(params)["embedding"], expected)
+    query = jax.random.normal(jax.random.key(1), (2, 3, 64))
+    attend = linen.apply({"params": params}, query, method="attend")
+    np.testing.assert_array_equal(attend, _q(query, ag.MXFP4, -1) @ rows.T)
+    model = qnnx.QuantEmbed(50, 64, config=config, rngs=nnx.Rngs(0))
+    model.embedding.set_value(table)
+    np.testing.assert_array_equal(model(ids), rows[ids])
+    np.testing.assert_array_equal(model.attend(query), attend)
+
+
+def test_flax_attention_runs_its_matmuls_in_block_formats():
+    config = QuantConfig(ag.MXFP8_E4M3, ag.MXFP8_E4M3, ag.MXFP8_E5M2)
+    x = jax.random.normal(jax.random.key(2), (2, 40, 64))
+    layers = {
+        fn: nn.MultiHeadDotProductAttention(2, qkv_features=64, attention_fn=fn)
+        for fn in (qlinen.QuantAttention(config, parent=None), nn.dot_product_attention)
+    }
+    params = next(iter(layers.values())).init(jax.random.key(3), x)["params"]
+
+    @jax.jit
+    def outputs(params):
+        return [
+            jax.value_and_grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, x) ** 2))(params)
+            for m in layers.values()
+        ]
+
+    (quantized, grads), (plain, _) = outputs(params)
+    assert np.isfinite(float(quantized)) and quantized != plain
+    assert abs(float(quantized) / float(plain) - 1) < 0.1
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))

@@ -26,6 +26,7 @@ from flax.linen.dtypes import promote_dtype as linen_promote_dtype
 
 from altgrad_jax.config import QuantConfig
 from altgrad_jax.linen.modules import QuantDotGeneral, contraction
+from altgrad_jax.quant_dot import ContractionAxes
 
 __all__ = ["QuantAttention", "dot_product_attention"]
 
@@ -119,7 +120,9 @@ def einsum_with(op: Any, precision: Any) -> Einsum:
     """An einsum ``(subscripts, lhs, rhs)`` running on ``op.quantized`` (Linen) or ``op``."""
 
     def einsum(subscripts: str, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
-        return op.quantized(contraction(jnp.einsum, subscripts, precision=precision), lhs, rhs)
+        contract = contraction(jnp.einsum, subscripts, precision=precision)
+        axes = functools.partial(ContractionAxes.of_einsum, subscripts, lhs.ndim, rhs.ndim)
+        return op.quantized(contract, lhs, rhs, axes)
 
     return einsum
 

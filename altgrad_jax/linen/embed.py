@@ -19,15 +19,30 @@ import jax.numpy as jnp
 
 from altgrad_jax.config import QuantConfig
 from altgrad_jax.linen.modules import QuantDotGeneral
+from altgrad_jax.quant_dot import ContractionAxes
 
-__all__ = ["QuantEmbed", "lookup_config"]
+__all__ = ["QuantEmbed", "attend_axes", "lookup_axes", "lookup_config"]
 
 EMBED_OP = "embed_op"
 
 
 def lookup_config(config: QuantConfig) -> QuantConfig:
-    """The config of a lookup: ``config`` without the ``inputs`` role (the ids are integers)."""
-    return dataclasses.replace(config, inputs=None)
+    """The config of a lookup: ``config`` without the ``inputs`` role (the ids are integers)
+    and without a Hadamard transform (it rotates the weight-gradient GEMM's operands; a
+    lookup's weight gradient adds rows of dY, with no left operand to rotate)."""
+    return dataclasses.replace(config, inputs=None, hadamard=None)
+
+
+def lookup_axes(ids_ndim: int) -> ContractionAxes:
+    """The axes block formats use for a lookup ``take(table, ids)``: the table blocks along its
+    features (each row is read whole, so its blocks are those of the row), dY along the
+    features for the (unused) ids gradient and along the tokens for the table's gradient."""
+    return ContractionAxes((), (1,), tuple(range(ids_ndim)), (ids_ndim,))
+
+
+def attend_axes(query_ndim: int) -> ContractionAxes:
+    """The axes of ``attend``, ``query @ table.T``: a dot over the features."""
+    return ContractionAxes.of_dot_general(query_ndim, 2, (((query_ndim - 1,), (1,)), ((), ())))
 
 
 def lookup_contract(
@@ -54,13 +69,14 @@ def embed_lookup(module: nn.Embed, op: QuantDotGeneral, inputs: jax.Array) -> ja
         raise ValueError("Input type must be an integer or unsigned integer.")
     (embedding,) = module.promote_dtype(module.embedding, dtype=module.dtype, inexact=False)
     contract = lookup_contract(module.num_embeddings, module.features)
-    return op.quantized(contract, inputs, embedding, config=lookup_config(op.config))
+    axes = lookup_axes(inputs.ndim)
+    return op.quantized(contract, inputs, embedding, axes, config=lookup_config(op.config))
 
 
 def embed_attend(module: nn.Embed, op: QuantDotGeneral, query: jax.Array) -> jax.Array:
     """``nn.Embed.attend`` of ``module`` with query and table quantized by ``op``."""
     query, embedding = module.promote_dtype(query, module.embedding, dtype=module.dtype)
-    return op.quantized(attend_contract, query, embedding)
+    return op.quantized(attend_contract, query, embedding, attend_axes(query.ndim))
 
 
 class QuantEmbed(nn.Embed):

@@ -205,7 +205,7 @@ class QuantEinsum(nn.Einsum):
             precision=self.precision,
             preferred_element_type=self.preferred_element_type,
         )
-        axes = functools.partial(ContractionAxes.of_einsum, einsum_str)
+        axes = functools.partial(ContractionAxes.of_einsum, einsum_str, inputs.ndim, kernel.ndim)
         op = QuantDotGeneral(self.config, name="einsum_op")
         y = op.quantized(contract, inputs, kernel, axes)
         if bias is not None:

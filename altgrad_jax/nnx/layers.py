@@ -26,7 +26,13 @@ from jax import lax
 from altgrad_jax.config import QuantConfig
 from altgrad_jax.linen.attention import dot_product_attention
 from altgrad_jax.linen.conv import conv_call_axes, conv_contraction
-from altgrad_jax.linen.embed import attend_contract, lookup_config, lookup_contract
+from altgrad_jax.linen.embed import (
+    attend_axes,
+    attend_contract,
+    lookup_axes,
+    lookup_config,
+    lookup_contract,
+)
 from altgrad_jax.nnx.modules import QuantDotGeneral, QuantEinsumOp, _QuantOp
 
 __all__ = ["QuantAttention", "QuantConv", "QuantConvOp", "QuantEmbed"]
@@ -123,13 +129,13 @@ class QuantEmbed(nnx.Embed):
             raise ValueError("Input type must be an integer or unsigned integer.")
         (embedding,) = self.promote_dtype((self.embedding[...],), dtype=self.dtype, inexact=False)
         contract = lookup_contract(self.num_embeddings, self.features)
-        op = self.embed_op
-        return op._quantized(contract, inputs, embedding, config=lookup_config(op.config))
+        op, axes = self.embed_op, lookup_axes(inputs.ndim)
+        return op._quantized(contract, inputs, embedding, axes, config=lookup_config(op.config))
 
     def attend(self, query: jax.Array, out_sharding: Any = None) -> jax.Array:
         _no_sharding(out_sharding)
         query, embedding = self.promote_dtype((query, self.embedding[...]), dtype=self.dtype)
-        return self.embed_op._quantized(attend_contract, query, embedding)
+        return self.embed_op._quantized(attend_contract, query, embedding, attend_axes(query.ndim))
 
 
 class QuantAttention(nnx.Module):

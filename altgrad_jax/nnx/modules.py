@@ -208,7 +208,7 @@ class QuantEinsumOp(_QuantOp):
         self.op = einsum_op
 
     def __call__(self, subscripts: str, lhs: jax.Array, rhs: jax.Array, **kwargs: Any) -> jax.Array:
-        axes = functools.partial(ContractionAxes.of_einsum, subscripts)
+        axes = functools.partial(ContractionAxes.of_einsum, subscripts, lhs.ndim, rhs.ndim)
         return self._quantized(contraction(self.op, subscripts, **kwargs), lhs, rhs, axes)
 
 

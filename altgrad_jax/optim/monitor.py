@@ -16,10 +16,14 @@ measures one rotating block of ``1/k`` of every tensor, so each weight is seen e
 Wrapping the float optimizer (``monitor_stall(optax.adam(lr), fmt)``) shows what nearest
 storage would keep. Wrapping a chain that ends in :func:`low_precision_storage` with
 ``scale="pow2"`` shows what the stored weights actually did (their grid is that scale's grid).
+Block formats (MXFP8/6/4, NVFP4) are counted against the block grid the storage keeps: each
+side of ``Q(w + u) == Q(w)`` rounded with the scales of its own blocks (see
+:func:`monitor_stall`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -28,7 +32,8 @@ import optax
 
 from altgrad_jax._checks import check_positive_int
 from altgrad_jax.bits import round_float32, ulp
-from altgrad_jax.formats import as_params
+from altgrad_jax.blocks import block_grid, quantize_blocks
+from altgrad_jax.formats import BlockFormat, as_params
 from altgrad_jax.optim._common import (
     RunningSum,
     check_scale,
@@ -38,6 +43,7 @@ from altgrad_jax.optim._common import (
     resolve_scale,
     unbox,
 )
+from altgrad_jax.optim.storage import storage_axis
 from altgrad_jax.rules import FormatSpec, check_format_spec
 from altgrad_jax.stall import GRAD_THRESHOLD, ExactCount, safe_ratio
 
@@ -205,18 +211,59 @@ def _sum_all(operands: list[jax.Array], axis: int) -> list[jax.Array]:
     )
 
 
+Grid = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+"""Entrywise ``(inputs...) -> (Q(w), Q(w + u), spacing of the grid at Q(w))``."""
+
+
+def _tensor_grid(fmt: Any, s: jax.Array) -> Grid:
+    """The grid of a per-tensor format at scale ``s``, from ``(w, u)`` entrywise (so it runs
+    fused into the row loops of :func:`_leaf_stats`)."""
+    p = as_params(fmt)
+
+    def grid(w: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        inverse = 1 / s  # as quantize: x / scale is x * (1 / scale)
+        rounded_old = round_float32(w * inverse, p)
+        old, new = rounded_old * s, round_float32((w + u) * inverse, p) * s
+        return old, new, ulp(rounded_old, p) * s
+
+    return grid
+
+
+def _block_grid_inputs(
+    w: jax.Array, u: jax.Array, fmt: BlockFormat
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``Q(w)``, ``Q(w + u)`` and the spacing at ``Q(w)`` of a leaf in a block format.
+
+    Each side is rounded with the scales of its own blocks, by the format's scale rule, along
+    the storage's axis (:func:`~altgrad_jax.optim.storage.storage_axis`): exactly what nearest
+    :func:`~altgrad_jax.optim.low_precision_storage` stores for ``w`` and for ``w + u``, so a
+    flip is a stored weight that would move. The blocks need the whole leaf, so this runs on
+    its shape before the entrywise counts.
+    """
+    axis = storage_axis(fmt, w.ndim)
+    old, spacing = block_grid(w, fmt, axis)
+    return old, quantize_blocks(w + u, fmt, axis), spacing
+
+
+def _on_grid(
+    old: jax.Array, new: jax.Array, spacing: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The :data:`Grid` of inputs already rounded (:func:`_block_grid_inputs`)."""
+    return old, new, spacing
+
+
 def _entry_terms(
-    w: jax.Array, u: jax.Array, g: jax.Array, valid: jax.Array | None, fmt: Any, s: jax.Array
+    inputs: list[jax.Array],
+    u: jax.Array,
+    g: jax.Array,
+    valid: jax.Array | None,
+    grid: Grid,
 ) -> tuple[list[jax.Array], jax.Array, jax.Array]:
     """Per entry: the 0/1 uint32 flags, |Q(w + u) - Q(w)| and |u| (zero where not ``valid``)."""
-    p = as_params(fmt)
-    inverse = 1 / s  # as quantize: x / scale is x * (1 / scale)
-    rounded_old = round_float32(w * inverse, p)
-    old, new = rounded_old * s, round_float32((w + u) * inverse, p) * s
+    old, new, spacing = grid(*inputs)
     flipped = new != old
     counted = jnp.abs(g) > GRAD_THRESHOLD
     magnitude = jnp.abs(u)
-    spacing = ulp(rounded_old, p) * s
     at_least = [u != 0] + [magnitude >= edge * spacing for edge in HISTOGRAM_EDGES]
     flags = [*at_least, flipped, counted, counted & ~flipped]
     delta = jnp.abs(new - old)
@@ -227,15 +274,14 @@ def _entry_terms(
 
 
 def _leaf_stats(
-    w: jax.Array,
-    u: jax.Array,
-    g: jax.Array,
-    fmt: Any,
-    s: jax.Array,
+    arrays: tuple[jax.Array, ...],
+    grid: Grid,
     valid: jax.Array | None = None,
     entries: jax.Array | int | None = None,
 ) -> UpdateStats:
     """Statistics of one leaf's entries (flattened; ``valid`` masks some out).
+
+    ``arrays`` are the grid's inputs, then ``u`` and ``g``, all of one size.
 
     XLA's CPU backend runs a reduction whose input is computed on the fly as a sequential loop:
     fine for integer adds, which it vectorises, slow for float adds, which it must not reorder.
@@ -244,8 +290,8 @@ def _leaf_stats(
     products, whose inputs are materialised by parallel loops first (HIGHEST precision, so no
     TF32 on GPUs).
     """
-    w, u, g = (jnp.ravel(x).astype(jnp.float32) for x in (w, u, g))
-    n = w.size
+    arrays = [jnp.ravel(x).astype(jnp.float32) for x in arrays]
+    n = arrays[0].size
     body = n - n % _ROW
     num_flags = 1 + len(HISTOGRAM_EDGES) + 3  # moved, |u| past each edge, flipped, counted, stalled
     counts = [jnp.uint32(0)] * num_flags
@@ -253,9 +299,9 @@ def _leaf_stats(
     for part, rows in ((slice(0, body), (-1, _ROW)), (slice(body, n), (1, n - body))):
         if part.stop == part.start:
             continue
-        shaped = [x[part].reshape(rows) for x in (w, u, g)]
+        *inputs, u, g = [x[part].reshape(rows) for x in arrays]
         mask = None if valid is None else valid[part].reshape(rows)
-        flags, delta, magnitude = _entry_terms(*shaped, mask, fmt, s)
+        flags, delta, magnitude = _entry_terms(inputs, u, g, mask, grid)
         fields = _sum_all(_unpack(_sum_all(_pack(flags), 1), num_flags), 0)
         counts = [total + n_part for total, n_part in zip(counts, fields, strict=True)]
         ones = jnp.ones((rows[1],), jnp.float32)
@@ -290,12 +336,40 @@ def _explicitly_sharded(x: jax.Array) -> bool:
     return any(axis is not None for axis in spec)
 
 
+def _leaf_stats_by_dot(
+    arrays: tuple[jax.Array, ...],
+    grid: Grid,
+    valid: jax.Array | None = None,
+    entries: jax.Array | int | None = None,
+) -> UpdateStats:
+    """:func:`_leaf_stats` for grid inputs that are costly to compute (block formats).
+
+    XLA fuses an elementwise producer into every consumer, so the several sums of
+    :func:`_leaf_stats` would each recompute (and compile) the whole block rounding. Here
+    every per-entry term is one stacked array, summed over rows of ``_ROW`` entries by a single
+    matrix-vector product (its operand is materialised once); the 0/1 flags' row sums are exact
+    in float32 and are then added as uint32.
+    """
+    arrays = [jnp.ravel(x).astype(jnp.float32) for x in arrays]
+    n = arrays[0].size
+    rows = max(1, -(-n // _ROW))
+    padded = [jnp.pad(x, (0, rows * _ROW - n)).reshape(rows, _ROW) for x in arrays]
+    if valid is None:
+        valid = jnp.ones((n,), jnp.bool_)
+    mask = jnp.pad(valid, (0, rows * _ROW - n)).reshape(rows, _ROW)  # padding is not valid
+    *inputs, u, g = padded
+    flags, delta, magnitude = _entry_terms(inputs, u, g, mask, grid)
+    terms = jnp.stack([*(f.astype(jnp.float32) for f in flags), delta, magnitude])
+    ones = jnp.ones((_ROW,), jnp.float32)
+    sums = jnp.dot(terms, ones, precision=jax.lax.Precision.HIGHEST)  # [terms, rows]
+    counts = list(jnp.sum(sums[:-2].astype(jnp.uint32), axis=1))
+    landed, requested = jnp.sum(sums[-2]), jnp.sum(sums[-1])
+    return _stats_of(counts, landed, requested, n if entries is None else entries)
+
+
 def _leaf_stats_in_place(
-    w: jax.Array,
-    u: jax.Array,
-    g: jax.Array,
-    fmt: Any,
-    s: jax.Array,
+    arrays: tuple[jax.Array, ...],
+    grid: Grid,
     block: tuple[jax.Array, int] | None = None,
 ) -> UpdateStats:
     """:func:`_leaf_stats` on the leaf's own shape and sharding (explicitly sharded leaves).
@@ -303,7 +377,8 @@ def _leaf_stats_in_place(
     The same integer counts from plain sums (exact, as uint32); the sampled block of ``every``
     is a mask over the row-major index instead of a slice, so nothing is resharded.
     """
-    w, u, g = (jnp.asarray(x, jnp.float32) for x in (w, u, g))
+    *inputs, u, g = (jnp.asarray(x, jnp.float32) for x in arrays)
+    w = inputs[0]
     n = w.size
     valid, entries = None, n
     if block is not None:
@@ -318,7 +393,7 @@ def _leaf_stats_in_place(
         first = phase * jnp.uint32(size)
         valid = (index >= first) & (index < first + jnp.uint32(size))
         entries = jnp.where(first < n, jnp.minimum(jnp.uint32(n) - first, jnp.uint32(size)), 0)
-    flags, delta, magnitude = _entry_terms(w, u, g, valid, fmt, s)
+    flags, delta, magnitude = _entry_terms(inputs, u, g, valid, grid)
     counts = [jnp.sum(flag, dtype=jnp.uint32) for flag in flags]
     return _stats_of(counts, jnp.sum(delta), jnp.sum(magnitude), entries)
 
@@ -364,16 +439,23 @@ def monitor_stall(
 
     Args:
       inner: any optax transformation (extra args are passed through).
-      fmt: one format for every float leaf (a FloatFormat, a name, or traced ``FormatParams``),
-        or a rule ``(path, leaf) -> format | None`` such as :class:`altgrad_jax.rules.PathRules`
-        (None skips the leaf). Non-float leaves are skipped.
-      scale: "amax" (the seed's current scaling, ``compute_scale(max|w|)``, as in
-        :func:`tree_bit_stall`), "pow2" (the grid of :func:`low_precision_storage`) or a fixed
-        positive float.
+      fmt: one format for every float leaf (a FloatFormat, a block format such as ``MXFP4``, a
+        name, or traced ``FormatParams``), or a rule ``(path, leaf) -> format | None`` such as
+        :class:`altgrad_jax.rules.PathRules` (None skips the leaf). Non-float leaves are
+        skipped. A block-format leaf is counted against its block grid as the storage keeps
+        it: ``Q(w)`` and ``Q(w + u)`` each with the scales of their own blocks (recomputed
+        from the weights every step by the format's scale rule), blocked along a kernel's
+        input features (see :func:`~altgrad_jax.optim.storage.storage_axis`); ``ulp(w)`` is
+        the element's ULP times the block scale of ``w``.
+      scale: for per-tensor formats, "amax" (the seed's current scaling,
+        ``compute_scale(max|w|)``, as in :func:`tree_bit_stall`), "pow2" (the grid of
+        :func:`low_precision_storage`) or a fixed positive float. Block formats take their
+        scales from their blocks.
       every: measure each weight every ``every``-th step: each step looks at one contiguous
         block of ``1/every`` of every leaf's entries, the next block on the next step, so the
         rounding work per step drops by ``every`` (the leaf's amax, for "amax" and "pow2",
-        is still read in full) and every weight is still seen once per ``every`` steps.
+        is still read in full, and block formats round the whole leaf) and every weight is
+        still seen once per ``every`` steps.
         ``last`` then holds the statistics of the block measured last (its ``entries`` say
         how many) and ``total`` sums measured entries, so the rates are those of a systematic
         sample. 1 (the default) measures every weight every step.
@@ -426,16 +508,23 @@ def monitor_stall(
                 leaf_total.append(None)
                 continue
             w32 = jnp.asarray(w, jnp.float32)
-            s = jnp.asarray(resolve_scale(scale, w32, leaf_fmt), jnp.float32)
-            leaf = (w32, update_leaves[i], grad_leaves[i])
+            u, g = update_leaves[i], grad_leaves[i]
+            if isinstance(leaf_fmt, BlockFormat):
+                inputs = _block_grid_inputs(w32, jnp.asarray(u, jnp.float32), leaf_fmt)
+                grid, sums = _on_grid, _leaf_stats_by_dot
+            else:
+                s = jnp.asarray(resolve_scale(scale, w32, leaf_fmt), jnp.float32)
+                inputs, grid, sums = (w32, u), _tensor_grid(leaf_fmt, s), _leaf_stats
+            leaf = (*inputs, u, g)
             if _explicitly_sharded(w32):
                 block = None if phase is None else (phase, every)
-                stats = _leaf_stats_in_place(*leaf, leaf_fmt, s, block)
-            elif phase is None:
-                stats = _leaf_stats(*leaf, leaf_fmt, s)
+                stats = _leaf_stats_in_place(leaf, grid, block)
             else:
-                blocks, valid, count = _block(leaf, phase, every)
-                stats = _leaf_stats(*blocks, leaf_fmt, s, valid, count)
+                if phase is None:
+                    stats = sums(leaf, grid)
+                else:
+                    blocks, valid, count = _block(leaf, phase, every)
+                    stats = sums(tuple(blocks), grid, valid, count)
             leaf_last.append(stats)
             leaf_total.append(old_totals[i].accumulate(stats))
             last = last.accumulate(stats)

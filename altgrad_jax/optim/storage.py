@@ -164,8 +164,12 @@ class BlockGrid:
     format: BlockFormat
 
 
-def storage_axis(ndim: int) -> int | tuple[int, int] | None:
-    """The blocked axis of a stored leaf: a kernel's input features (-2), a vector's only one."""
+def storage_axis(fmt: BlockFormat, ndim: int) -> int | None:
+    """The blocked axis of a stored (or monitored) leaf of ``ndim`` dimensions: a kernel's input
+    features (-2, the contraction axis of Flax's Dense and Conv kernels), a vector's only axis;
+    None (the last two axes) for 2-D tiles."""
+    if len(fmt.block_shape) == 2:
+        return None
     return -2 if ndim >= 2 else -1
 
 
@@ -174,7 +178,7 @@ def store(x: jax.Array, fmt: Any, s: Any, rounding: str, key: jax.Array | None) 
     if isinstance(fmt, BlockGrid):
         fmt = fmt.format
     if isinstance(fmt, BlockFormat):
-        axis = None if len(fmt.block_shape) == 2 else storage_axis(x.ndim)
+        axis = storage_axis(fmt, x.ndim)
         return quantize(x, fmt, rounding=rounding, key=key, axis=axis)
     return quantize(x, fmt, s, rounding=rounding, key=key)
 
