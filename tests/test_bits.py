@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import LOW_FORMATS, ML_DTYPES, SMALL_FORMATS, log_uniform_values, midpoints
+from references import LOW_FORMATS, ML_DTYPES, SMALL_FORMATS, log_uniform_values, midpoints
 
 import altgrad_jax as ag
 

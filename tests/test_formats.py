@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import ML_DTYPES
+from references import ML_DTYPES
 
 import altgrad_jax as ag
 

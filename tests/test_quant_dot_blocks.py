@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import count_compiles
 from flax import nnx
+from references import count_compiles
 
 import altgrad_jax as ag
 from altgrad_jax import linen as qlinen

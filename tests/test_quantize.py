@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from references import (
     LOW_FORMATS,
     ML_DTYPES,
     REFERENCE_ONLY,
@@ -22,8 +24,6 @@ from conftest import (
     midpoints,
     reference_round,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import altgrad_jax as ag
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import count_compiles
+from references import count_compiles
 
 from altgrad_jax import (
     BF16,
