@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from altgrad_jax._checks import check_choice
+from altgrad_jax._eager import is_traced
 from altgrad_jax.bits import ROUNDING_MODES, Rounding, round_float32, scale_float32, split_scale
 from altgrad_jax.blocks import element_params, quantize_blocks
 from altgrad_jax.formats import (
@@ -248,9 +249,7 @@ def quantize(
     concrete_scale = None if unit_scale else _check_scale(scale, x.shape)
     args = (x, None if unit_scale else scale, key, traced)
     options = {"fmt": static, "rounding": rounding, "clip_gradient": clip_gradient, "axis": axis}
-    if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args)):
-        # Called eagerly: one compiled program (cached per shape) instead of dispatching the
-        # kernel's ~100 operations one by one, ~10x faster on a first call.
+    if not is_traced(args):  # eagerly: one compiled program (see altgrad_jax._eager)
         return _quantize_compiled(*args, **options)
     return _quantize(*args, **options, concrete_scale=concrete_scale)
 

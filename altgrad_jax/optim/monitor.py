@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from altgrad_jax._checks import check_positive_int
+from altgrad_jax._eager import compiled_when_eager
 from altgrad_jax.bits import round_float32, ulp
 from altgrad_jax.blocks import block_grid, quantize_blocks
 from altgrad_jax.formats import BlockFormat, as_params
@@ -537,7 +538,9 @@ def monitor_stall(
             leaf_total=treedef.unflatten(leaf_total),
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(
+        compiled_when_eager(init_fn), compiled_when_eager(update_fn)
+    )
 
 
 def stall_stats(opt_state: Any) -> StallMonitorState:

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import optax
 
 from altgrad_jax._checks import check_choice, choices_of
+from altgrad_jax._eager import compiled_when_eager
 from altgrad_jax.formats import BlockFormat, FormatParams, as_params
 from altgrad_jax.optim._common import (
     LeafFormat,
@@ -353,7 +354,9 @@ def low_precision_storage(
         )
         return layout.unflatten(out), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(
+        compiled_when_eager(init_fn), compiled_when_eager(update_fn)
+    )
 
 
 def snap_to_grid(params: Any, opt_state: Any) -> Any:
@@ -373,6 +376,7 @@ def snap_to_grid(params: Any, opt_state: Any) -> Any:
     return layout.unflatten([rebox(b, w) for b, w in zip(boxes, leaves, strict=True)])
 
 
+@compiled_when_eager
 def apply_updates(params: Any, updates: Any, opt_state: Any) -> Any:
     """``optax.apply_updates`` that lands stored leaves exactly on their grid.
 
