@@ -536,9 +536,6 @@ def _report_md(result: SweepResult) -> str:
             stall = "-" if near is None else _iv(near.stall_rate, pct=True)
             lines.append(f"| {fmt} | " + " | ".join(cells) + f" | {stall} |")
         lines.append("")
-    unmeasured = {c.format: c.unmeasured for c in result.cells if c.unmeasured}
-    for fmt, reason in unmeasured.items():
-        lines += [f"{fmt}: {reason}.", ""]
     lines += [
         "## Files",
         "",

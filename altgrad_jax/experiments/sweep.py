@@ -9,10 +9,12 @@ another. On each device the members run one after another (``lax.map``), not vma
 measured on 2 CPU cores, ``vmap`` over 15 members was 1.11x the throughput at the default model
 size and 0.45x at the ``--full`` size, and its numbers depend on the batch size (XLA fuses a
 batched program differently), whereas ``lax.map`` gives every member exactly the numbers of the
-same run alone, on one device or eight.
+same run alone on its device. Sharded over 8 simulated CPU devices a tiny model gets the numbers
+of one device; at d_model 16 XLA:CPU's 8-device program differs in the last bits of the loss.
 A block format (MXFP8, MXFP4, NVFP4) is static, so it gets a program of its own, batched over
-seeds. On several hosts, ``jax.distributed.initialize()`` before the sweep makes
-``jax.devices()``, and so the mesh, span them all.
+seeds. The compiled programs are cached per process (:func:`batch_programs`), so a second sweep
+with the same settings compiles nothing. On several hosts, ``jax.distributed.initialize()``
+before the sweep makes ``jax.devices()``, and so the mesh, span them all.
 
 A member that produces a non-finite loss or parameter, or a loss above ``diverge_loss``, is
 reported as diverged at that step (its statistics stop before it); the batch stops when all of
@@ -28,6 +30,7 @@ documents it and says how it appears in ``results.csv``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import typing
@@ -64,7 +67,6 @@ from .train import (
     init_state,
     learning_rate,
     make_train_chunk,
-    monitored,
     validation_batches,
 )
 
@@ -83,6 +85,7 @@ __all__ = [
     "RunResult",
     "SweepConfig",
     "SweepResult",
+    "batch_programs",
     "build_config",
     "check_choices",
     "check_int",
@@ -499,12 +502,6 @@ class RunResult:
             "per_layer",
         )
     )
-    unmeasured: str | None = field(
-        metadata=_result(
-            "why stall, flip and the histogram are null for a quantized run (block formats), "
-            "else null"
-        )
-    )
     flip_rate: float | None = field(
         metadata=_result("mean over steps of the fraction of stored weights that changed")
     )
@@ -517,7 +514,8 @@ class RunResult:
     saturation: dict[str, float | None] = field(
         metadata=_result(
             "per role (weights, activations, gradients): fraction of entries whose scaled "
-            "magnitude exceeded the format's largest value",
+            "magnitude exceeded the format's largest value (weights of a block format: null, "
+            "their block scales follow each block's maximum)",
             "per_role",
         )
     )
@@ -593,7 +591,6 @@ class CellResult:
     flip_rate: stats.Interval = field(metadata=_meta("flip rate over the run"))
     landed_ratio: stats.Interval = field(metadata=_meta("landed ratio over the run"))
     layer_stall: dict[str, stats.Interval] = field(metadata=_meta("stall rate per layer group"))
-    unmeasured: str | None = field(metadata=_meta("why stall is not measured, if it is not"))
 
     @property
     def label(self) -> str:
@@ -624,7 +621,6 @@ def summarise_cell(runs: list[RunResult], extra_bytes: float) -> CellResult:
             group: stats.interval([run.layer_stall[group] for run in runs])
             for group in LAYER_GROUPS
         },
-        unmeasured=first.unmeasured,
     )
 
 
@@ -643,7 +639,8 @@ class SweepResult:
     compilations: dict[str, int] = field(
         metadata=_meta(
             "compiled programs per rule (init, train chunk with its evaluation, tail chunk); "
-            "one set serves every format and seed of the rule (block formats add their own)"
+            "one set serves every format and seed of the rule (block formats add their own); "
+            "programs an earlier sweep of the same process compiled are reused and not counted"
         )
     )
     devices: int = field(metadata=_meta("devices the batch axis was sharded over"))
@@ -695,16 +692,10 @@ def _finite_or_none(value: float) -> float | None:
 
 def _rate(stats_rows: np.ndarray, part: int, whole: int) -> float | None:
     """Summed counts ``stats_rows[:, part] / stats_rows[:, whole]``, None when not measured."""
-    if stats_rows.size == 0 or not np.all(np.isfinite(stats_rows)):
+    if stats_rows.size == 0 or not np.all(np.isfinite(stats_rows[:, [part, whole]])):
         return None
     total = float(stats_rows[:, whole].sum())
     return float(stats_rows[:, part].sum()) / total if total > 0 else 0.0
-
-
-_UNMEASURED = (
-    "stall, flips and the |u|/ulp histogram are not measured for block formats: the stall "
-    "monitor (optim.monitor_stall) has no block grid yet"
-)
 
 
 class Member(NamedTuple):
@@ -735,7 +726,7 @@ def _summarise(
     final_val = _finite_or_none(val_losses[-1]) if val_losses and diverged_step is None else None
     stall, flips = rows["stall_rate"], rows["flip_rate"]
     quantized = rule.quantized and len(stall) > 0
-    measured = quantized and member.format is not None and monitored(get_format(member.format))
+    measured = quantized and member.format is not None
     tail = stall[-max(len(stall) // 5, 1) :] if measured else stall
     layers = rows["layer_stall"].sum(axis=0) if measured else None
     return RunResult(
@@ -758,7 +749,6 @@ def _summarise(
             else None
             for i, group in enumerate(LAYER_GROUPS)
         },
-        unmeasured=_UNMEASURED if quantized and not measured else None,
         flip_rate=float(flips.mean()) if measured else None,
         landed_ratio=_finite_or_none(rows["landed_ratio"][-1]) if quantized else None,
         saturation={role: _rate(rows[role], 3, 0) if quantized else None for role in ROLES},
@@ -836,19 +826,27 @@ def _member_formats(batch: Batch) -> Any:
     )
 
 
-def _programs(
-    model: CharTransformer,
-    rule: UpdateRule,
-    config: SweepConfig,
+@functools.lru_cache(maxsize=16)
+def batch_programs(
+    model_config: ModelConfig,
+    rule_name: str,
+    ulp_steps: float,
+    train: TrainConfig,
     chunk_len: int,
     static_format: str | None,
     mesh: Mesh,
 ) -> dict[str, CompiledProgram]:
-    """The programs of one batch, each mapped over its members and compiled on first use.
+    """The programs of one batch (init, a chunk of ``chunk_len`` steps with its evaluation, and
+    the shorter last chunk if ``train.steps`` needs one), mapped over its members and compiled
+    on first use for each shape of the batch.
 
-    ``fmts`` is the pair of traced (forward, gradient) formats, or () when the format is static.
+    Cached per process: a later sweep with the same settings (a notebook's second run, other
+    seeds of the same count, the tests) reuses the compiled programs instead of paying the
+    compilation again. Each program takes the pair of traced (forward, gradient) formats as
+    ``fmts``, or () when the format is static.
     """
-    train = config.train
+    model = CharTransformer(model_config)
+    rule = get_update_rule(rule_name, ulp_steps)
     static = None
     if static_format is not None:
         static = (get_format(static_format), get_format(grad_format_for(static_format, "auto")))
@@ -872,7 +870,7 @@ def _programs(
 
         return _map_members(run, mesh, shared=3)
 
-    tail_len = config.steps % chunk_len or chunk_len
+    tail_len = train.steps % chunk_len or chunk_len
     programs = {
         "init": CompiledProgram(_map_members(init, mesh, shared=0)),
         "train_chunk": CompiledProgram(
@@ -909,6 +907,10 @@ def _map_members(fn: Callable[..., Any], mesh: Mesh, shared: int) -> Callable[..
 
 def _compile_time(programs: dict[str, CompiledProgram]) -> float:
     return sum(p.compile_time_s for p in programs.values())
+
+
+def _compilations(programs: dict[str, CompiledProgram]) -> int:
+    return sum(p.compilations for p in programs.values())
 
 
 def batch_mesh() -> Mesh:
@@ -1040,15 +1042,19 @@ def run_sweep(
     compile_total = 0.0
     for batch in batches(config):
         rule = get_update_rule(batch.rule, config.ulp_steps)
-        programs = _programs(model, rule, config, chunk_len, batch.static_format, mesh)
+        programs = batch_programs(
+            model.config, batch.rule, config.ulp_steps, config.train, chunk_len,
+            batch.static_format, mesh,
+        )  # fmt: skip
+        compiled_before, compile_before = _compilations(programs), _compile_time(programs)
         runs, extra = _run_batch(batch, programs, rule, config, data, mesh, threshold, progress)
         result.runs += runs
         for fmt in dict.fromkeys(m.format for m in batch.members):
             result.cells.append(summarise_cell([r for r in runs if r.format == fmt], extra))
         result.num_params = _num_params(model)
-        compiled = sum(p.compilations for p in programs.values())
+        compiled = _compilations(programs) - compiled_before
         result.compilations[batch.rule] = result.compilations.get(batch.rule, 0) + compiled
-        compile_total += _compile_time(programs)
+        compile_total += _compile_time(programs) - compile_before
         result.wall_time_s = time.perf_counter() - start
         result.compile_time_s = compile_total
         if on_run is not None:

@@ -10,7 +10,7 @@ histogram of ``|u| / ulp(w)``, and stall per layer group. A chunk of steps runs 
 
 Passing the format as :class:`FormatParams` arrays makes it data rather than program: one
 compilation serves every format, and the chunk is a pure function of the state and format, so
-the sweep vmaps it over seeds and formats. Passing a :class:`FloatFormat` gives the static
+the sweep maps it over seeds and formats. Passing a :class:`FloatFormat` gives the static
 program, which the tests compare against; a :class:`BlockFormat` is always static.
 
 The learning rate follows :func:`learning_rate`: linear warmup then cosine decay (``optax``'s
@@ -50,7 +50,6 @@ __all__ = [
     "init_state",
     "learning_rate",
     "make_train_chunk",
-    "monitored",
     "validation_batches",
 ]
 
@@ -184,12 +183,6 @@ def dense_rules(fmt: Fmt, grad_fmt: Fmt | None = None) -> PathRules:
     return PathRules((), default=QuantConfig(role, weights, grad_role, stats=True))
 
 
-def monitored(fmt: Fmt) -> bool:
-    """Whether the stall monitor can measure ``fmt``: per-tensor formats; block formats not yet
-    (:func:`altgrad_jax.optim.monitor_stall` has no block grid), so their stall is unmeasured."""
-    return not isinstance(fmt, BlockFormat)
-
-
 def _loss(model: CharTransformer, params, quant_state, inputs, targets, rules):
     variables = {"params": params, QUANT_STATE: quant_state}
     with quant_rules(rules):
@@ -247,6 +240,15 @@ def _stored_vectors(params, new_params, updates, new_scales):
     return tuple(jnp.concatenate(column) for column in columns)
 
 
+def _saturated(target: jax.Array, scale: jax.Array, fmt: Fmt) -> jax.Array:
+    """Entries of ``target`` beyond the largest value of their grid, as float32; NaN (not
+    measured) for a block format, whose scales follow each block's maximum and live in the
+    blocks rather than in ``scale``."""
+    if isinstance(fmt, BlockFormat):
+        return jnp.float32(jnp.nan)
+    return jnp.sum(jnp.abs(target) / scale > fmt.max_value, dtype=jnp.float32)
+
+
 def _storage_metrics(params, new_params, updates, new_scales, fmt: Fmt):
     """Flip rate and weight statistics of one step of low-precision storage.
 
@@ -254,7 +256,7 @@ def _storage_metrics(params, new_params, updates, new_scales, fmt: Fmt):
     the grid the weights are stored on after the step (None for leaves kept in float32, which
     are left out). A weight flipped when its stored value changed; it underflowed when ``w + u``
     was nonzero and is stored as 0; it saturated when ``|w + u| / scale`` exceeded the format's
-    largest value.
+    largest value (not measured for block formats, see :func:`_saturated`).
     """
     w, w_new, u, new_scale = _stored_vectors(params, new_params, updates, new_scales)
     target = w + u
@@ -264,16 +266,17 @@ def _storage_metrics(params, new_params, updates, new_scales, fmt: Fmt):
             jnp.float32(w.size),
             jnp.sum(nonzero, dtype=jnp.float32),
             jnp.sum(nonzero & (w_new == 0), dtype=jnp.float32),
-            jnp.sum(jnp.abs(target) / new_scale > fmt.max_value, dtype=jnp.float32),
+            _saturated(target, new_scale, fmt),
         ]
     )
     return jnp.mean(w_new != w, dtype=jnp.float32), stats
 
 
 def _optimizer(rule: UpdateRule, fmt: Fmt, config: TrainConfig) -> optax.GradientTransformation:
-    """The rule's optimizer; for quantized runs wrapped in the stall monitor on the storage grid."""
+    """The rule's optimizer; for quantized runs wrapped in the stall monitor on the storage grid
+    (per-tensor formats at the storage's power-of-two scale, block formats with their blocks)."""
     optimizer = rule.optimizer(fmt, config)
-    if rule.quantized and monitored(fmt):
+    if rule.quantized:
         return monitor_stall(optimizer, fmt, scale="pow2")
     return optimizer
 
@@ -303,7 +306,7 @@ def init_state(
     """Initial state; the parameters depend only on the seed, so every format starts alike.
 
     Stored weights start on the grid: the storage rule is applied to a zero update once.
-    ``seed`` may be traced (the sweep vmaps over seeds).
+    ``seed`` may be traced (the sweep maps over seeds).
     """
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
     dummy = jnp.zeros((1, model.config.context), jnp.int32)
@@ -332,9 +335,9 @@ def make_train_chunk(
     ``landed_ratio`` (run so far); the statistics vectors ``weights``, ``activations``,
     ``gradients`` (``[entries, nonzero, underflow, saturated]``); ``layer_stall`` (stalled and
     counted entries per :data:`LAYER_GROUPS` group); ``finite`` (loss and parameters finite).
-    What a run does not measure is NaN (everything for the float32 baseline; stall, flips and
-    the histogram for a block format, see :func:`monitored`). Jit the result with ``fmt``
-    static for a :class:`FloatFormat`, traced for :class:`FormatParams`.
+    What a run does not measure is NaN (everything for the float32 baseline; the weights'
+    saturation for a block format). Jit the result with ``fmt`` static for a
+    :class:`FloatFormat`, traced for :class:`FormatParams`.
     """
 
     def step(state: RunState, fmt: Fmt, tokens: jax.Array, grad_fmt: Fmt | None):
@@ -367,13 +370,12 @@ def make_train_chunk(
             landed = landed_stats(storage_state).run_ratio
             activations = _summed(_sown_stats(quant_stats, "inputs"))
             gradients = _summed(_grad_stats(quant_state))
-            if monitored(fmt):
-                flips, weights = _storage_metrics(
-                    state.params, params, updates, storage_state.scale, fmt
-                )
-                monitor = stall_stats(opt_state)
-                stall, hist = monitor.last.stall_rate, monitor.last.histogram.to_float()
-                layers = _layer_stall(monitor.leaf_last)
+            flips, weights = _storage_metrics(
+                state.params, params, updates, storage_state.scale, fmt
+            )
+            monitor = stall_stats(opt_state)
+            stall, hist = monitor.last.stall_rate, monitor.last.histogram.to_float()
+            layers = _layer_stall(monitor.leaf_last)
         else:
             storage_state = state.storage_state
             params = optax.apply_updates(state.params, updates)

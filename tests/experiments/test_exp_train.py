@@ -31,6 +31,9 @@ def setup():
     return model, rule, config, corpus, traced, runs
 
 
+# The module's programs are compiled for these tests only (~80 s on 2 cores): slow. By default
+# the shared sweep checks one compilation per rule for every format, and its numbers (golden).
+@pytest.mark.slow
 def test_traced_step_compiles_once_for_every_format(setup):
     *_, runs = setup  # the chunk is wrapped in assert_max_traces(n=1): a retrace would raise
     losses = [np.asarray(runs[name][1]["loss"]) for name in FORMATS]
@@ -39,7 +42,8 @@ def test_traced_step_compiles_once_for_every_format(setup):
     assert not np.array_equal(losses[1], losses[2])
 
 
-@pytest.mark.parametrize("name", [FORMATS[0], pytest.param(FORMATS[1], marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FORMATS[:2])
 def test_traced_step_equals_static_step(setup, name):
     model, rule, config, corpus, _, runs = setup
     fmt = get_format(name)
@@ -54,6 +58,7 @@ def test_traced_step_equals_static_step(setup, name):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_stored_weights_stay_on_the_grid_and_metrics_are_rates(setup):
     *_, runs = setup
     state, metrics = runs["E4M3"]

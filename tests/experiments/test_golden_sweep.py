@@ -7,7 +7,9 @@ every run must stay the same, bit for bit (JSON floats round-trip float32 exactl
 
 The file predates seeds, schedules and separate gradient formats: its config is run with the
 settings of that time (one seed, a constant learning rate, gradients in the forward format),
-now through the batched, device-sharded programs, which must not change a bit.
+now through the batched, device-sharded programs, which must not change a bit. The default run
+checks the shared sweep's baseline and E5M2 runs (seed 0, batched with seed 1 and with other
+formats); the slow one runs every run of the file.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from altgrad_jax.experiments import data
 from altgrad_jax.experiments.sweep import SweepConfig, run_sweep
 
 GOLDEN = Path(__file__).parent / "golden" / "synthetic_sweep.json"
@@ -33,30 +34,36 @@ def golden():
 THEN = {"seeds": 1, "schedule": "constant", "grad_format": "same"}
 
 
-def _config(golden, **changes) -> SweepConfig:
+def _config(golden) -> SweepConfig:
     kept = {k: tuple(v) if isinstance(v, list) else v for k, v in golden["config"].items()}
-    return SweepConfig.from_flat({**kept, **THEN, **changes})
+    return SweepConfig.from_flat({**kept, **THEN})
 
 
-def _check(golden, config, runs: int) -> None:
-    corpus = data.make_corpus(data.synthetic_text(4000), "synthetic")
-    result = run_sweep(config, corpus)
+def _check(golden, runs: list[dict]) -> None:
+    """Every field the golden file has, of each of ``runs`` (dicts of :class:`RunResult`)."""
     expected = {(r["format"], r["rule"]): r for r in golden["runs"]}
-    assert len(result.runs) == runs
-    for run in result.runs:
-        want = expected[(run.format, run.rule)]
-        got = dataclasses.asdict(run)
+    for got in runs:
+        want = expected[(got["format"], got["rule"])]
         for name, value in want.items():
-            assert got[name] == value, (run.label, name)
+            assert got[name] == value, (got["format"], got["rule"], name)
 
 
-def test_batched_formats_reproduce_the_sequential_numbers_bit_for_bit(golden):
-    # The golden runs were trained one at a time; here E4M3 and E5M2 share one batch.
-    config = _config(golden, formats=("E4M3", "E5M2"), rules=("stochastic",), baseline=False)
-    _check(golden, config, 2)
+def test_shared_sweep_reproduces_the_sequential_numbers_bit_for_bit(golden, sweep_results):
+    # The golden runs were trained one at a time; here E5M2 shares a batch with E4M3 (whose
+    # gradients are E5M2 under the default "auto") and both with a second seed.
+    config = sweep_results["meta"]["config"]
+    for name, value in golden["config"].items():
+        if name not in ("formats", "rules"):
+            assert config[name] == value, name
+    assert config["schedule"] == THEN["schedule"]
+    runs = [r for r in sweep_results["runs"] if r["seed"] == 0 and r["format"] in (None, "E5M2")]
+    assert [(r["format"], r["rule"]) for r in runs] == [(None, "float32"), ("E5M2", "nearest")]
+    _check(golden, runs)
 
 
 @pytest.mark.slow
-def test_sweep_reproduces_the_pre_refactor_numbers_bit_for_bit(golden):
+def test_sweep_reproduces_the_pre_refactor_numbers_bit_for_bit(golden, golden_corpus):
     # Every run of the golden file: the baseline and three formats under four rules.
-    _check(golden, _config(golden), 13)
+    result = run_sweep(_config(golden), golden_corpus)
+    assert len(result.runs) == 13
+    _check(golden, [dataclasses.asdict(run) for run in result.runs])

@@ -47,7 +47,6 @@ def _run(fmt: str | None, rule: str, loss: float) -> RunResult:
         stall_rate=rate,
         final_stall_rate=rate,
         layer_stall=dict.fromkeys(LAYER_GROUPS, rate),
-        unmeasured=None,
         flip_rate=rate,
         landed_ratio=rate,
         saturation={role: rate for role in ROLES},

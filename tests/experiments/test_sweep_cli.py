@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,12 +11,9 @@ import sys
 import pytest
 
 from altgrad_jax.__main__ import main
-from altgrad_jax.experiments import data
 from altgrad_jax.experiments.report import META_FIELDS, OUTPUT_FILES, RUN_FIELDS
-from altgrad_jax.experiments.sweep import ModelSize, SweepConfig, run_sweep
+from altgrad_jax.experiments.sweep import SweepConfig, run_sweep
 from altgrad_jax.experiments.train import TrainConfig
-
-TINY_MODEL = ModelSize(context=8, d_model=8, n_heads=2, n_layers=1)
 
 
 def test_sweep_writes_every_output_file(sweep_dir):
@@ -26,34 +24,36 @@ def test_sweep_writes_every_output_file(sweep_dir):
     assert "stalls most" in report and "float32 baseline" in report
 
 
-def test_results_json_has_the_documented_fields(sweep_dir):
-    results = json.loads((sweep_dir / "results.json").read_text())
+def test_results_json_has_the_documented_fields(sweep_dir, sweep_results):
+    results = sweep_results
     assert set(results["meta"]) == set(META_FIELDS)
     assert [(r["format"], r["rule"], r["seed"]) for r in results["runs"]] == [
-        (None, "float32", 0),
-        (None, "float32", 1),
-        ("E4M3", "nearest", 0),
-        ("E4M3", "nearest", 1),
-        ("E5M2", "nearest", 0),
-        ("E5M2", "nearest", 1),
+        (fmt, rule, seed)
+        for fmt, rule in [
+            (None, "float32"),
+            ("E4M3", "nearest"),
+            ("E5M2", "nearest"),
+            ("MXFP8_E4M3", "nearest"),
+        ]
+        for seed in (0, 1)
     ]
-    assert [r["grad_format"] for r in results["runs"][2::2]] == ["E5M2", "E5M2"]  # auto
+    assert [r["grad_format"] for r in results["runs"][2::2]] == ["E5M2", "E5M2", "MXFP8_E4M3"]
     for run in results["runs"]:
         assert set(run) == set(RUN_FIELDS)
-        assert run["status"] == "ok" and run["steps_run"] == 7
-        assert run["eval_steps"] == [3, 6, 7] and len(run["train_loss"]) == 7
+        assert run["status"] == "ok" and run["steps_run"] == 24
+        assert run["eval_steps"] == [8, 16, 24] and len(run["train_loss"]) == 24
         assert run["best_val_loss"] == min(run["val_losses"])
     baseline, quantized = results["runs"][0], results["runs"][2]
     assert baseline["stall_rate"] is None and baseline["saturation"]["weights"] is None
-    assert 0 <= quantized["stall_rate"] <= 1 and len(quantized["stall_curve"]) == 7
+    assert 0 <= quantized["stall_rate"] <= 1 and len(quantized["stall_curve"]) == 24
     assert sum(quantized["update_ulp_hist"].values()) > 0
     assert set(quantized["layer_stall"]) == {"embedding", "attention", "mlp", "head", "norm"}
-    # One compiled init, train chunk and tail chunk (each with its evaluation) serve both
-    # formats and both seeds of the rule.
-    assert results["meta"]["compilations"] == {"float32": 3, "nearest": 3}
+    # One compiled init and train chunk (with its evaluation) serve both per-tensor formats and
+    # both seeds of the rule; the block format has its own pair.
+    assert results["meta"]["compilations"] == {"float32": 2, "nearest": 4}
     with (sweep_dir / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 6 and float(rows[2]["stall_rate"]) == quantized["stall_rate"]
+    assert len(rows) == 8 and float(rows[2]["stall_rate"]) == quantized["stall_rate"]
     cell = results["cells"][1]
     assert (cell["format"], cell["rule"], cell["seeds"]) == ("E4M3", "nearest", 2)
     losses = [r["final_val_loss"] for r in results["runs"][2:4]]
@@ -61,17 +61,37 @@ def test_results_json_has_the_documented_fields(sweep_dir):
     assert cell["final_val_loss"]["low"] < cell["final_val_loss"]["mean"]
 
 
-def test_diverging_run_is_reported_not_raised():
-    corpus = data.make_corpus(data.synthetic_text(2000), "synthetic")
-    config = SweepConfig(
-        formats=(), rules=(), eval_every=3, seeds=1,
-        train=TrainConfig(steps=6, batch_size=4, learning_rate=1e4, schedule="constant"),
-        model=TINY_MODEL,
-    )  # fmt: skip
-    (run,) = run_sweep(config, corpus).runs
-    assert run.status == "diverged"
-    assert 1 <= run.diverged_step <= 6 and run.steps_run >= run.diverged_step
-    assert run.final_val_loss is None
+def test_a_block_format_trains_with_its_stall_measured(sweep_results):
+    runs = [r for r in sweep_results["runs"] if r["format"] == "MXFP8_E4M3"]
+    assert len(runs) == 2
+    for run in runs:
+        assert run["final_val_loss"] < run["train_loss"][0]  # it learned
+        assert 0 < run["stall_rate"] < 1 and len(run["stall_curve"]) == 24
+        assert 0 < run["flip_rate"] <= 1 and sum(run["update_ulp_hist"].values()) > 0
+        assert all(0 <= rate <= 1 for rate in run["layer_stall"].values())
+        assert run["saturation"]["weights"] is None  # block scales follow each block's max
+        assert 0 <= run["underflow"]["weights"] <= 1
+    assert runs[0]["stall_curve"] != runs[1]["stall_curve"]
+    (cell,) = [c for c in sweep_results["cells"] if c["format"] == "MXFP8_E4M3"]
+    assert (cell["seeds"], cell["extra_state_bytes"]) == (2, 0.0)
+
+
+def test_a_shorter_last_chunk_is_compiled_once_and_evaluated(sweep_config, golden_corpus):
+    config = dataclasses.replace(sweep_config, formats=(), rules=(), eval_every=10)
+    result = run_sweep(config, golden_corpus)
+    assert [run.eval_steps for run in result.runs] == [[10, 20, 24]] * 2
+    assert result.compilations == {"float32": 3}  # init, the 10-step chunk and the 4-step one
+
+
+def test_diverging_run_is_reported_not_raised(sweep_config, golden_corpus):
+    # Every loss is above 1 nat at the first step (8 letters: log 8 = 2.08), so each seed
+    # diverges there and the batch stops after its first chunk.
+    config = dataclasses.replace(sweep_config, formats=(), rules=(), diverge_loss=1.0)
+    runs = run_sweep(config, golden_corpus).runs
+    assert [(r.status, r.diverged_step, r.steps_run, r.final_val_loss) for r in runs] == [
+        ("diverged", 1, 8, None)
+    ] * 2
+    assert (runs[0].train_loss, runs[0].final_train_loss) == ([], None)  # stats stop before it
 
 
 @pytest.mark.parametrize(
@@ -132,8 +152,6 @@ def _parse(argv):
 
 
 def test_cli_defaults_are_the_config_defaults():
-    import dataclasses
-
     from altgrad_jax.experiments.model import ModelConfig
     from altgrad_jax.experiments.sweep import config_options
 
@@ -193,7 +211,7 @@ def test_unwritable_out_fails_before_training(tmp_path, monkeypatch, capsys):
     assert err.startswith(f"altgrad-jax sweep: error: cannot write to output folder '{blocker}")
 
 
-def test_interrupted_sweep_keeps_the_finished_runs(tmp_path, monkeypatch, capsys, tiny_args):
+def test_interrupted_sweep_keeps_the_finished_runs(tmp_path, monkeypatch, capsys, sweep_args):
     """The results files are written after each run: an interrupt after the first keeps it."""
     from altgrad_jax.experiments import sweep
 
@@ -206,20 +224,10 @@ def test_interrupted_sweep_keeps_the_finished_runs(tmp_path, monkeypatch, capsys
 
         return real_run_sweep(config, corpus, progress, write_then_stop)
 
-    # The baseline batch is the first: an interrupt after it keeps its two seeds.
-
+    # The baseline batch is the first: an interrupt after it keeps its two seeds (trained by
+    # the shared sweep's programs, cached).
     monkeypatch.setattr(sweep, "run_sweep", interrupted)
-    argv = [
-        "sweep",
-        "--synthetic",
-        "--steps",
-        "2",
-        "--eval-every",
-        "2",
-        *tiny_args,
-        "--no-progress",
-    ]
-    argv += ["--seeds", "2"]
+    argv = ["sweep", *sweep_args, "--no-progress", "--seeds", "2"]
     assert main([*argv, "--formats", "E4M3", "--rules", "nearest", "--out", str(tmp_path)]) == 130
     assert capsys.readouterr().err.count("\n") == 1
     results = json.loads((tmp_path / "results.json").read_text())
@@ -230,13 +238,14 @@ def test_interrupted_sweep_keeps_the_finished_runs(tmp_path, monkeypatch, capsys
     assert not (tmp_path / "report.md").exists()
 
 
-def test_compile_time_is_shared_by_a_batch_apart_from_run_time(sweep_dir):
-    results = json.loads((sweep_dir / "results.json").read_text())
+def test_compile_time_is_shared_by_a_batch_apart_from_run_time(sweep_results):
+    results = sweep_results
     runs = results["runs"]
     assert runs[0]["compile_time_s"] > 0
-    # The four nearest runs share one batch's programs and its time equally.
-    assert len({run["compile_time_s"] for run in runs[2:]}) == 1
-    assert len({run["wall_time_s"] for run in runs[2:]}) == 1
+    # The four per-tensor nearest runs share one batch's programs and its time equally.
+    assert len({run["compile_time_s"] for run in runs[2:6]}) == 1
+    assert len({run["wall_time_s"] for run in runs[2:6]}) == 1
+    assert runs[6]["compile_time_s"] != runs[2]["compile_time_s"]  # the block format's own
     meta = results["meta"]
     assert meta["compile_time_s"] == pytest.approx(
         sum(r["compile_time_s"] for r in results["runs"])
