@@ -6,6 +6,8 @@ named ``conftest`` can be imported by name.
 
 from __future__ import annotations
 
+import math
+
 import ml_dtypes
 import numpy as np
 
@@ -91,3 +93,14 @@ def count_compiles(fn):
 
     traced.traces = 0
     return traced
+
+
+def rceil_exponent(amax: float, element_max: float) -> int:
+    """The smallest k with amax <= element_max * 2**k, by exact search in float64 (the MX
+    "rceil" block-scale rule; E8M0 range: clamped to [-127, 127])."""
+    if amax == 0:
+        return -127
+    k = math.floor(math.log2(amax / element_max)) - 2
+    while amax > element_max * 2.0**k:
+        k += 1
+    return max(-127, min(127, k))

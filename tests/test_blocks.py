@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import gfloat
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from gfloat import formats as gformats
-from references import count_compiles
+from references import count_compiles, rceil_exponent
 
 import altgrad_jax as ag
 
@@ -52,16 +50,6 @@ def test_mx_floor_rule_is_bit_exact_against_gfloat(name):
         np.testing.assert_array_equal(np.asarray(ag.quantize(rows, fmt)), ours)  # eager == jit
 
 
-def _exact_rceil_exponent(amax: float, element_max: float) -> int:
-    """The smallest k with amax <= element_max * 2**k, by exact search in float64."""
-    if amax == 0:
-        return -127
-    k = math.floor(math.log2(amax / element_max)) - 2
-    while amax > element_max * 2.0**k:
-        k += 1
-    return max(-127, min(127, k))
-
-
 @pytest.mark.parametrize("name", sorted(MX))
 def test_rceil_scales_are_the_smallest_that_do_not_saturate(name):
     fmt = ag.get_format(name)
@@ -70,7 +58,7 @@ def test_rceil_scales_are_the_smallest_that_do_not_saturate(name):
     scales = np.asarray(ag.block_scales(x, fmt))[:, 0]
     for row, scale in zip(x, scales, strict=True):
         amax = float(np.max(np.abs(row)))
-        k = _exact_rceil_exponent(amax, fmt.element.max_value)
+        k = rceil_exponent(amax, fmt.element.max_value)
         assert scale == np.float32(2.0**k), (amax, scale, k)
     q = np.asarray(ag.quantize(x, fmt))
     # Nothing saturates, and every element is an element value times its block's scale.

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import optax
+from references import rceil_exponent
 
 import altgrad_jax as ag
 from altgrad_jax.optim import (
@@ -21,16 +22,6 @@ from altgrad_jax.optim import (
 
 ELEMENTS = {"E2M1": ml_dtypes.float4_e2m1fn, "E4M3": ml_dtypes.float8_e4m3fn}
 TILES = ag.MXFP8_E4M3.replace(name="MXFP8_TILES", block_size=(8, 16))
-
-
-def _rceil_exponent(amax: float, element_max: float) -> int:
-    """The smallest k with amax <= element_max * 2**k (E8M0: clamped to [-127, 127])."""
-    if amax == 0:
-        return -127
-    k = math.floor(math.log2(amax / element_max)) - 2
-    while amax > element_max * 2.0**k:
-        k += 1
-    return max(-127, min(127, k))
 
 
 def _element_ulp(e: np.ndarray, dtype) -> np.ndarray:
@@ -68,7 +59,7 @@ def _reference_grid(x: np.ndarray, fmt: ag.BlockFormat) -> tuple[np.ndarray, np.
         s = (t * s_b).astype(np.float32)
         scaled = np.clip(blocks * (np.float32(1) / s), -6, 6)
     else:
-        k = np.vectorize(lambda a: _rceil_exponent(float(a), fmt.element.max_value))(amax)
+        k = np.vectorize(lambda a: rceil_exponent(float(a), fmt.element.max_value))(amax)
         s = np.exp2(k.astype(np.float64))
         scaled = blocks.astype(np.float64) / s
     elements = scaled.astype(dtype)
