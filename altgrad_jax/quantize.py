@@ -356,7 +356,7 @@ def _round_scaled(x32, scale, concrete, params, rounding, key, return_scaled: bo
     fast = branch(exact_forward if rounding == "stochastic" else float_forward, True)
     exact = branch(exact_forward, False)
     pred = float_back_ok if rounding == "stochastic" else float_forward_ok
-    if isinstance(pred, (bool, np.bool_)) or not isinstance(pred, jax.core.Tracer):
+    if not isinstance(pred, jax.core.Tracer):  # concrete scale and format: chosen now
         return (fast if bool(pred) else exact)(x32, key)
     return jax.lax.cond(pred, fast, exact, x32, key)
 
