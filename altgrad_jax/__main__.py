@@ -7,6 +7,7 @@ Bad arguments end the program with one line on stderr and exit status 2, never a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -130,7 +131,7 @@ def _parser(defaults: Mapping[str, Any] | None = None) -> argparse.ArgumentParse
         "--full",
         action="store_true",
         help="the complete grid: every 8-bit format, BF16 and FP16 under every rule, 300 steps "
-        "of the larger model (other flags still override it)",
+        "(other flags still override it)",
     )
     sweep.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -198,8 +199,9 @@ def _sweep(args: argparse.Namespace, config, corpus) -> None:
     print(results_table(result))
     compiled = ", ".join(f"{rule}: {n}" for rule, n in result.compilations.items())
     print(
-        f"\n{len(result.runs)} runs in {result.wall_time_s:.1f} s "
-        f"({result.compile_time_s:.1f} s compiling); compilations: {compiled}"
+        f"\n{len(result.runs)} runs in {result.wall_time_s:.1f} s ({result.compile_time_s:.1f} s "
+        f"compiling, {result.compile_wait_s:.1f} s of it not overlapped with training); "
+        f"compilations: {compiled}"
     )
     print(f"wrote {', '.join(path.name for path in written)} to {args.out}")
 
@@ -224,5 +226,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The program (console script and ``python -m altgrad_jax``): :func:`main`, then exit.
+
+    After Ctrl-C, XLA may still be compiling (the sweep's background thread) or computing in
+    native threads, and a normal interpreter exit under them aborts the process; so an
+    interrupted sweep exits at once instead (its finished runs are on disk already).
+    """
+    status = main()
+    if status == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

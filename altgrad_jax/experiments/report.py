@@ -489,8 +489,9 @@ def _report_md(result: SweepResult) -> str:
         "Weights are stored on the format's grid by the update rule; activations and gradients "
         f"of every dense layer are quantized with current per-tensor scaling (gradients: "
         f"`--grad-format {cfg.grad_format}`). Sweep wall time {result.wall_time_s:.0f} s on "
-        f"{result.devices} device{'s' * (result.devices != 1)}, of which "
-        f"{result.compile_time_s:.0f} s compiling; compiled programs per rule: "
+        f"{result.devices} device{'s' * (result.devices != 1)}; "
+        f"{result.compile_time_s:.0f} s compiling, {result.compile_wait_s:.0f} s of it not "
+        "overlapped with training; compiled programs per rule: "
         + ", ".join(f"{rule} {n}" for rule, n in result.compilations.items())
         + ".",
         "",

@@ -102,7 +102,7 @@ def _check_fraction(name: str, value: Any) -> float:
 class TrainConfig:
     """Static hyperparameters of a run (hashable); the sweep's CLI shows each ``help``."""
 
-    steps: int = dataclasses.field(default=300, metadata={"help": "train steps per run"})
+    steps: int = dataclasses.field(default=150, metadata={"help": "train steps per run"})
     batch_size: int = dataclasses.field(default=16, metadata={"help": "sequences per step"})
     learning_rate: float = dataclasses.field(
         default=3e-3, metadata={"help": "Adam's (peak) learning rate", "flag": "--lr"}

@@ -28,6 +28,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from altgrad_jax._checks import check_positive_int
@@ -37,11 +38,19 @@ from altgrad_jax.blocks import block_grid, quantize_blocks
 from altgrad_jax.formats import BlockFormat, as_params
 from altgrad_jax.optim._common import (
     RunningSum,
+    block_rows,
     check_scale,
+    concat_leaves,
+    explicitly_sharded,
     find_states,
     flatten_params,
+    from_block_rows,
     iter_leaves,
+    leaf_groups,
+    per_entry,
     resolve_scale,
+    sharding_of,
+    split_leaves,
     unbox,
 )
 from altgrad_jax.optim.storage import storage_axis
@@ -246,6 +255,42 @@ def _block_grid_inputs(
     return old, quantize_blocks(w + u, fmt, axis), spacing
 
 
+def _rounded_together(
+    w32s: list[Any], updates: list[Any], fmts: list[Any], scales: list[Any]
+) -> dict[int, tuple[jax.Array, jax.Array, jax.Array]]:
+    """``Q(w)``, ``Q(w + u)`` and the spacing at ``Q(w)`` of the small leaves, rounded as groups
+    (:func:`~altgrad_jax.optim._common.leaf_groups`): per-tensor formats as one raveled vector
+    with per-entry scales, block formats as the rows of their blocks. By leaf index. The results
+    are materialised (an optimisation barrier), so each leaf's counts read them instead of
+    recompiling the rounding per sum."""
+    out = {}
+    for group in leaf_groups(w32s, fmts):
+        if len(group.leaves) == 1:
+            continue
+        ws = [w32s[i] for i in group.leaves]
+        us = [jnp.asarray(updates[i], jnp.float32) for i in group.leaves]
+        if isinstance(group.fmt, BlockFormat):
+            size = group.fmt.block_shape[0]
+            axes = [storage_axis(group.fmt, w.ndim) for w in ws]
+            w_rows = [block_rows(w, size, a) for w, a in zip(ws, axes, strict=True)]
+            new_rows = [block_rows(w + u, size, a) for w, u, a in zip(ws, us, axes, strict=True)]
+            old, spacing = block_grid(jnp.concatenate(w_rows), group.fmt, -1)
+            new = quantize_blocks(jnp.concatenate(new_rows), group.fmt, -1)
+            rounded = jax.lax.optimization_barrier((old, new, spacing))
+            cuts = np.cumsum([len(r) for r in w_rows])[:-1].tolist()
+            parts = [
+                [from_block_rows(p, w, a) for p, w, a in zip(jnp.split(x, cuts), ws, axes,
+                                                              strict=True)]
+                for x in rounded
+            ]  # fmt: skip
+        else:
+            grid = _tensor_grid(group.fmt, per_entry([scales[i] for i in group.leaves], ws))
+            rounded = jax.lax.optimization_barrier(grid(concat_leaves(ws), concat_leaves(us)))
+            parts = [split_leaves(x, ws) for x in rounded]
+        out.update(zip(group.leaves, zip(*parts, strict=True), strict=True))
+    return out
+
+
 def _on_grid(
     old: jax.Array, new: jax.Array, spacing: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -323,20 +368,6 @@ def _stats_of(
     return UpdateStats(counts, jnp.stack([landed, requested]))
 
 
-def _sharding(x: jax.Array) -> Any:
-    return getattr(jax.typeof(x), "sharding", None)
-
-
-def _explicitly_sharded(x: jax.Array) -> bool:
-    """Whether ``x`` is split over an explicit-sharding mesh axis (``AxisType.Explicit``).
-
-    Flattening such an array (as :func:`_leaf_stats` does) is a sharding type error whenever
-    the split dimensions do not divide evenly, so those leaves keep their shape instead.
-    """
-    spec = getattr(_sharding(x), "spec", None) or ()
-    return any(axis is not None for axis in spec)
-
-
 def _leaf_stats_by_dot(
     arrays: tuple[jax.Array, ...],
     grid: Grid,
@@ -388,7 +419,7 @@ def _leaf_stats_in_place(
         index = jnp.zeros(w.shape, jnp.uint32)
         stride = 1
         for axis in reversed(range(w.ndim)):
-            iota = jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis, out_sharding=_sharding(w))
+            iota = jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis, out_sharding=sharding_of(w))
             index = index + iota * jnp.uint32(stride)
             stride *= w.shape[axis]
         first = phase * jnp.uint32(size)
@@ -501,23 +532,34 @@ def monitor_stall(
         grad_leaves = [unbox(g) for g in treedef.flatten_up_to(updates)]
         old_totals = treedef.flatten_up_to(state.leaf_total)
         phase = None if every == 1 else _step_phase(state.steps, every)
+        measured = list(iter_leaves(fmt, params))
+        w32s = [None if f is None else jnp.asarray(w, jnp.float32) for _, _, w, f in measured]
+        fmts = [f for *_, f in measured]
+        scales = [
+            None
+            if f is None or isinstance(f, BlockFormat)
+            else jnp.asarray(resolve_scale(scale, w32, f), jnp.float32)
+            for w32, f in zip(w32s, fmts, strict=True)
+        ]
+        rounded = {} if phase is not None else _rounded_together(w32s, update_leaves, fmts, scales)
         leaf_last, leaf_total = [], []
         last = UpdateStats.zero(running=False)
-        for i, _, w, leaf_fmt in iter_leaves(fmt, params):
+        for i, leaf_fmt in enumerate(fmts):
             if leaf_fmt is None:
                 leaf_last.append(None)
                 leaf_total.append(None)
                 continue
-            w32 = jnp.asarray(w, jnp.float32)
-            u, g = update_leaves[i], grad_leaves[i]
-            if isinstance(leaf_fmt, BlockFormat):
+            w32, u, g = w32s[i], update_leaves[i], grad_leaves[i]
+            if i in rounded:
+                inputs, grid = rounded[i], _on_grid
+                sums = _leaf_stats_by_dot if isinstance(leaf_fmt, BlockFormat) else _leaf_stats
+            elif isinstance(leaf_fmt, BlockFormat):
                 inputs = _block_grid_inputs(w32, jnp.asarray(u, jnp.float32), leaf_fmt)
                 grid, sums = _on_grid, _leaf_stats_by_dot
             else:
-                s = jnp.asarray(resolve_scale(scale, w32, leaf_fmt), jnp.float32)
-                inputs, grid, sums = (w32, u), _tensor_grid(leaf_fmt, s), _leaf_stats
+                inputs, grid, sums = (w32, u), _tensor_grid(leaf_fmt, scales[i]), _leaf_stats
             leaf = (*inputs, u, g)
-            if _explicitly_sharded(w32):
+            if explicitly_sharded(w32):
                 block = None if phase is None else (phase, every)
                 stats = _leaf_stats_in_place(leaf, grid, block)
             else:

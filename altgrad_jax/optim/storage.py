@@ -51,20 +51,27 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from altgrad_jax._checks import check_choice, choices_of
 from altgrad_jax._eager import compiled_when_eager
-from altgrad_jax.formats import BlockFormat, FormatParams, as_params
+from altgrad_jax.formats import BlockFormat, FloatFormat, FormatParams
 from altgrad_jax.optim._common import (
     LeafFormat,
     RunningSum,
+    block_rows,
     check_scale,
+    concat_leaves,
     find_states,
     flatten_params,
+    from_block_rows,
     iter_leaves,
+    leaf_groups,
+    per_entry,
     rebox,
     resolve_scale,
+    split_leaves,
     unbox,
 )
 from altgrad_jax.quantize import quantize
@@ -139,8 +146,9 @@ class LowPrecisionState(NamedTuple):
     Attributes:
       scale: per leaf, the float32 scale the stored weights were last rounded with (None for
         leaves that are not stored); :func:`apply_updates` snaps to this grid.
-      grid: per stored leaf, its format as ``FormatParams`` arrays (None for the others), so
-        the grid can be rebuilt from the state alone.
+      grid: per stored leaf, its format (None for the others), so the grid can be rebuilt
+        from the state alone: a traced format as its ``FormatParams`` arrays, a static one as
+        a :class:`StaticGrid` (no arrays).
       key: PRNG key (``stochastic``), else None.
       residual: per leaf, the rounding error carried to the next step (``compensated``).
       master: per leaf, the float32 master weights (``master``).
@@ -159,10 +167,11 @@ class LowPrecisionState(NamedTuple):
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class BlockGrid:
-    """A block format in the state's ``grid`` (static: it has no arrays, its blocks do)."""
+class StaticGrid:
+    """A static format (per-tensor or block) in the state's ``grid``: it has no arrays, so it
+    is part of the program (a block format's scales live in its blocks)."""
 
-    format: BlockFormat
+    format: FloatFormat | BlockFormat
 
 
 def storage_axis(fmt: BlockFormat, ndim: int) -> int | None:
@@ -176,7 +185,7 @@ def storage_axis(fmt: BlockFormat, ndim: int) -> int | None:
 
 def store(x: jax.Array, fmt: Any, s: Any, rounding: str, key: jax.Array | None) -> jax.Array:
     """``x`` rounded onto a leaf's grid: per-tensor ``fmt`` at scale ``s``, or its blocks."""
-    if isinstance(fmt, BlockGrid):
+    if isinstance(fmt, StaticGrid):
         fmt = fmt.format
     if isinstance(fmt, BlockFormat):
         axis = storage_axis(fmt, x.ndim)
@@ -185,21 +194,41 @@ def store(x: jax.Array, fmt: Any, s: Any, rounding: str, key: jax.Array | None) 
 
 
 def _grid_entry(fmt: LeafFormat | BlockFormat) -> Any:
+    if isinstance(fmt, FormatParams):
+        return fmt.as_arrays(within=())  # its own bounds: bfloat16 params fit
+    return StaticGrid(fmt)
+
+
+def _store_group(
+    xs: list[jax.Array], fmt: Any, scales: list[Any], rounding: str, key: jax.Array | None
+) -> list[jax.Array]:
+    """Each of ``xs`` (one :func:`leaf_groups` group) rounded onto its grid by one
+    :func:`store`: a single leaf in place; several as one raveled vector with per-entry scales
+    (per-tensor formats) or as the rows of their blocks (block formats)."""
+    if len(xs) == 1:
+        return [store(xs[0], fmt, scales[0], rounding, key)]
     if isinstance(fmt, BlockFormat):
-        return BlockGrid(fmt)
-    return as_params(fmt).as_arrays(within=())  # its own bounds: bfloat16 params fit
+        size = fmt.block_shape[0]
+        axes = [storage_axis(fmt, x.ndim) for x in xs]
+        rows = [block_rows(x, size, axis) for x, axis in zip(xs, axes, strict=True)]
+        stored = quantize(jnp.concatenate(rows), fmt, rounding=rounding, key=key, axis=-1)
+        parts = jnp.split(stored, np.cumsum([len(r) for r in rows])[:-1].tolist())
+        return [from_block_rows(p, x, a) for p, x, a in zip(parts, xs, axes, strict=True)]
+    stored = store(concat_leaves(xs), fmt, per_entry(scales, xs), rounding, key)
+    return split_leaves(stored, xs)
 
 
 def _zero_update_result(
-    w: jax.Array,
-    x0: jax.Array,
-    fmt: LeafFormat,
-    s: jax.Array,
+    ws: list[jax.Array],
+    x0s: list[jax.Array],
+    fmt: Any,
+    scales: list[jax.Array],
     rounding: str,
     key: jax.Array | None,
     settled: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """What the rule stores for a zero update, ``t0``, and the projection ``sum|t0 - w|``.
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """What the rule stores for a zero update, ``t0``, and the projections ``sum|t0 - w|``, of
+    one group.
 
     Once the storage has stepped and the grid (scale) is unchanged, the weights are the last
     step's grid values and ``t0`` is ``w`` for every rule (``w + r`` and ``m`` round back to
@@ -207,10 +236,21 @@ def _zero_update_result(
     """
 
     def project():
-        t0 = store(x0, fmt, s, rounding, key)
-        return t0, jnp.sum(jnp.abs(t0 - w))
+        t0s = _store_group(x0s, fmt, scales, rounding, key)
+        return t0s, [jnp.sum(jnp.abs(t0 - w)) for t0, w in zip(t0s, ws, strict=True)]
 
-    return jax.lax.cond(settled, lambda: (w, jnp.zeros((), jnp.float32)), project)
+    zeros = [jnp.zeros((), jnp.float32)] * len(ws)
+    return jax.lax.cond(settled, lambda: (ws, zeros), project)
+
+
+def _static_formats(grids: list[Any]) -> list[Any]:
+    """A state's grid entries as formats: static ones unwrapped, traced ones as one object
+    (the storage stores one traced format at most, see :func:`_stored_formats`)."""
+    traced = next((g for g in grids if isinstance(g, FormatParams)), None)
+    return [
+        g.format if isinstance(g, StaticGrid) else traced if isinstance(g, FormatParams) else g
+        for g in grids
+    ]
 
 
 def _stored_formats(fmt: FormatSpec, params: Any) -> list[LeafFormat | None]:
@@ -299,7 +339,8 @@ def low_precision_storage(
         _, _, leaves, layout = flatten_params(params)
         # Computed once: otherwise every reduction below re-runs the optimizer's arithmetic.
         update_boxes = layout.flatten_up_to(jax.lax.optimization_barrier(updates))
-        grids = layout.flatten_up_to(state.grid)
+        # A traced format is read from the state, not a closure; one object for all its leaves.
+        grids = _static_formats(layout.flatten_up_to(state.grid))
         scales = layout.flatten_up_to(state.scale)
         residuals = layout.flatten_up_to(state.residual) if rule == "compensated" else None
         masters = layout.flatten_up_to(state.master) if rule == "master" else None
@@ -308,12 +349,14 @@ def low_precision_storage(
         out, new_scales = list(update_boxes), list(scales)
         new_residuals = list(residuals) if residuals is not None else None
         new_masters = list(masters) if masters is not None else None
-        landed = requested = projected = jnp.zeros((), jnp.float32)
+        n = len(leaves)
+        w32s, xs, x0s, grid_fmts = [None] * n, [None] * n, [None] * n, [None] * n
+        requested = jnp.zeros((), jnp.float32)
         for i, (w, u_box) in enumerate(zip(leaves, update_boxes, strict=True)):
             leaf_fmt = formats[i]
             if leaf_fmt is None:
                 continue
-            if isinstance(leaf_fmt, FormatParams):  # traced: read from the state, not a closure
+            if isinstance(leaf_fmt, FormatParams):
                 leaf_fmt = grids[i]
             w32, u32 = jnp.asarray(w, jnp.float32), jnp.asarray(unbox(u_box), jnp.float32)
             if rule == "compensated":
@@ -326,23 +369,33 @@ def low_precision_storage(
             else:
                 x, x0 = w32 + u32, w32
             if isinstance(leaf_fmt, BlockFormat):
-                s = jnp.ones((), jnp.float32)  # the scales live in the blocks
+                new_scales[i] = jnp.ones((), jnp.float32)  # the scales live in the blocks
             else:
-                s = jnp.asarray(resolve_scale(scale, x, leaf_fmt), jnp.float32)
-            leaf_key = None if step_key is None else jax.random.fold_in(step_key, i)
-            rounding = "stochastic" if rule == "stochastic" else "nearest"
-            t = store(x, leaf_fmt, s, rounding, leaf_key)
-            t0, projection = _zero_update_result(
-                w32, x0, leaf_fmt, s, rounding, leaf_key, state.settled & (s == scales[i])
-            )
-            if rule == "compensated":
-                new_residuals[i] = rebox(residuals[i], x - t)
-            delta = t - w32
-            out[i] = rebox(u_box, delta.astype(_update_dtype(w)))
-            new_scales[i] = s
-            landed = landed + jnp.sum(jnp.abs(t - t0))
+                new_scales[i] = jnp.asarray(resolve_scale(scale, x, leaf_fmt), jnp.float32)
+            w32s[i], xs[i], x0s[i], grid_fmts[i] = w32, x, x0, leaf_fmt
             requested = requested + jnp.sum(jnp.abs(u32))
-            projected = projected + projection
+
+        rounding = "stochastic" if rule == "stochastic" else "nearest"
+        landed = projected = jnp.zeros((), jnp.float32)
+        for group in leaf_groups(xs, grid_fmts):
+            idx = group.leaves
+            # A group's random bits come from its first leaf's index (a lone leaf: its own).
+            group_key = None if step_key is None else jax.random.fold_in(step_key, idx[0])
+            group_scales = [new_scales[i] for i in idx]
+            ts = _store_group([xs[i] for i in idx], group.fmt, group_scales, rounding, group_key)
+            unchanged = state.settled
+            for i in idx:
+                unchanged = unchanged & (new_scales[i] == scales[i])
+            t0s, projections = _zero_update_result(
+                [w32s[i] for i in idx], [x0s[i] for i in idx], group.fmt, group_scales,
+                rounding, group_key, unchanged,
+            )  # fmt: skip
+            for i, t, t0, projection in zip(idx, ts, t0s, projections, strict=True):
+                if rule == "compensated":
+                    new_residuals[i] = rebox(residuals[i], xs[i] - t)
+                out[i] = rebox(update_boxes[i], (t - w32s[i]).astype(_update_dtype(leaves[i])))
+                landed = landed + jnp.sum(jnp.abs(t - t0))
+                projected = projected + projection
 
         new_state = state._replace(
             scale=layout.unflatten(new_scales),
@@ -368,11 +421,15 @@ def snap_to_grid(params: Any, opt_state: Any) -> Any:
     """
     _, boxes, leaves, layout = flatten_params(params)
     for state in find_states(opt_state, LowPrecisionState):
-        grids = layout.flatten_up_to(state.grid)
+        grids = _static_formats(layout.flatten_up_to(state.grid))
         scales = layout.flatten_up_to(state.scale)
-        for i, w in enumerate(leaves):
-            if grids[i] is not None:
-                leaves[i] = store(w, grids[i], scales[i], "nearest", None)
+        for group in leaf_groups(leaves, grids):
+            idx = group.leaves
+            stored = _store_group(
+                [leaves[i] for i in idx], group.fmt, [scales[i] for i in idx], "nearest", None
+            )
+            for i, t in zip(idx, stored, strict=True):
+                leaves[i] = t
     return layout.unflatten([rebox(b, w) for b, w in zip(boxes, leaves, strict=True)])
 
 

@@ -3,7 +3,10 @@
 ``golden/synthetic_sweep.json`` was written by the sweep when ``experiments/model.py`` still had a
 quantized dense layer, VJPs and statistics of its own (before they moved into
 :mod:`altgrad_jax.quant_dot` and the model became plain Flax quantized by rules). Every number of
-every run must stay the same, bit for bit (JSON floats round-trip float32 exactly).
+every run must stay the same, bit for bit (JSON floats round-trip float32 exactly). The one
+deliberate change: since the storage rounds a model's small leaves as one vector, a stochastic
+group draws its random bits from one key instead of one key per leaf, so the three stochastic
+runs were rewritten then; every other run was unchanged by it, bit for bit.
 
 The file predates seeds, schedules and separate gradient formats: its config is run with the
 settings of that time (one seed, a constant learning rate, gradients in the forward format),

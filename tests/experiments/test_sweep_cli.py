@@ -238,6 +238,37 @@ def test_interrupted_sweep_keeps_the_finished_runs(tmp_path, monkeypatch, capsys
     assert not (tmp_path / "report.md").exists()
 
 
+def test_ctrl_c_stops_a_running_sweep_at_once_and_keeps_the_finished_runs(tmp_path):
+    """A real SIGINT while XLA computes or compiles (in native code, where Python cannot stop
+    it): the program exits with 130 instead of finishing the work, or crashing on the way out."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    tiny = ["--d-model", "8", "--heads", "1", "--layers", "1", "--context", "8"]
+    long = ["--steps", "20000", "--eval-every", "20000", "--seeds", "1"]
+    argv = ["--synthetic", *tiny, *long, "--formats", "E4M3", "--rules", "nearest,stochastic"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "altgrad_jax", "sweep", *argv, "--out", str(out), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The baseline batch's results are written; the nearest batch trains and the
+        # stochastic one compiles in the background.
+        while not (out / "results.json").exists() and proc.poll() is None:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().endswith(f"interrupted; finished runs are in {out}")
+    results = json.loads((out / "results.json").read_text())
+    assert [run["rule"] for run in results["runs"]] == ["float32"]
+
+
 def test_compile_time_is_shared_by_a_batch_apart_from_run_time(sweep_results):
     results = sweep_results
     runs = results["runs"]

@@ -105,11 +105,14 @@ def test_dense_general_takes_the_dot_general_cls():
 
 
 def _vjp(layer, variables, x, dy):
-    def f(x, params):
-        return layer.apply({**variables, "params": params}, x)
+    @jax.jit  # one program, not the layer's backward pass dispatched op by op
+    def pullback(x, params, dy):
+        def f(x, params):
+            return layer.apply({**variables, "params": params}, x)
 
-    _, vjp = jax.vjp(f, x, variables["params"])
-    return vjp(dy)
+        return jax.vjp(f, x, params)[1](dy)
+
+    return pullback(x, variables["params"], dy)
 
 
 def test_operand_gradients_are_straight_through():

@@ -85,6 +85,7 @@ class NNXMLP(nnx.Module):
         return self.out(jax.nn.relu(self.hidden(x)))
 
 
+@jax.jit  # one program per model, not op-by-op dispatch
 def _linen_step(variables, x):
     def loss_fn(params, state):
         y, new = LinenMLP().apply(
@@ -113,9 +114,8 @@ def test_a_linen_checkpoint_restores_into_the_nnx_model_by_name():
     nnx.update(model, variables["params"], variables[qlinen.QUANT_STATE])
     # ... and both continue with the same numbers.
     loss, grads, state = _linen_step(variables, xs[2])
-    nnx_loss, nnx_grads, nnx_state = qnnx.quant_value_and_grad(lambda m, x: jnp.sum(jnp.sin(m(x))))(
-        model, xs[2]
-    )
+    nnx_step = nnx.jit(qnnx.quant_value_and_grad(lambda m, x: jnp.sum(jnp.sin(m(x)))))
+    nnx_loss, nnx_grads, nnx_state = nnx_step(model, xs[2])
     assert loss == nnx_loss
     for a, b in zip(
         jax.tree.leaves((grads, state)),

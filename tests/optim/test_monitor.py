@@ -25,6 +25,7 @@ from altgrad_jax.optim import (
     HISTOGRAM_LABELS,
     LowPrecisionState,
     StallMonitorState,
+    _common,
     apply_updates,
     low_precision_storage,
     monitor_stall,
@@ -374,3 +375,36 @@ def test_empty_and_scalar_leaves(every):
     stats = stall_stats(state)
     assert int(stats.leaf_total["empty"].entries) == 0
     assert int(stats.total.entries) == int(stats.total.counted) == 6 * 3 // every
+
+
+@pytest.mark.parametrize(
+    ("fmt", "scale"),
+    [("E4M3", "pow2"), ("MXFP8_E4M3", "pow2"),
+     pytest.param("E4M3", "amax", marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_leaves_rounded_together_count_what_each_leaf_counts_alone(fmt, scale, monkeypatch):
+    # Small leaves are rounded as one vector (per-tensor) or as rows of blocks (MX); each
+    # leaf's counts are still its own, exactly those of the same tree with every leaf rounded
+    # alone (its float sums too, up to summation order).
+    keys = jax.random.split(jax.random.key(3), 8)
+    params = {
+        "a": jax.random.normal(keys[0], (40, 30)),
+        "b": 1e-3 * jax.random.normal(keys[1], (17,)),
+        "c": jax.random.normal(keys[2], (5,)).astype(jnp.bfloat16),
+        "d": jax.random.normal(keys[3], (3, 3)),
+    }
+    grads = {k: 0.05 * jax.random.normal(keys[4 + i], p.shape) for i, (k, p) in
+             enumerate(params.items())}  # fmt: skip
+
+    def stats():
+        opt = monitor_stall(optax.adam(0.01), fmt, scale=scale)
+        return jax.jit(opt.update)(grads, opt.init(params), params)[1]
+
+    together = stats()
+    monkeypatch.setattr(_common, "FUSED_MAX_ENTRIES", 0)
+    alone = stats()
+    for name in params:
+        got, want = together.leaf_last[name], alone.leaf_last[name]
+        np.testing.assert_array_equal(np.asarray(got.counts), np.asarray(want.counts))
+        np.testing.assert_allclose(np.asarray(got.sums), np.asarray(want.sums), rtol=1e-6)
+    assert int(together.last.stalled) > 0 and int(together.last.flipped) > 0

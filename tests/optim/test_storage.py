@@ -7,14 +7,16 @@ import optax
 import pytest
 
 from altgrad_jax import E3M4, E4M3, E5M2, E7M0, EIGHT_BIT_FORMATS, compute_scale, quantize
-from altgrad_jax.formats import E2M1, E2M3, E3M2, format_params, grid
+from altgrad_jax.formats import E2M1, E2M3, E3M2, format_params, get_format, grid
 from altgrad_jax.optim import (
     STORAGE_RULES,
+    _common,
     apply_updates,
     low_precision_storage,
     pow2_scale,
     scale_by_ulp,
 )
+from altgrad_jax.optim._common import FUSED_MAX_ENTRIES, leaf_groups
 from altgrad_jax.rules import PathRules
 
 
@@ -221,7 +223,7 @@ def test_path_rules_and_non_float_leaves():
     assert updates["n"].dtype == jnp.int32
     assert state.scale["dense"]["bias"] is None and state.grid["dense"]["bias"] is None
     assert state.grid["n"] is None
-    assert state.grid["dense"]["kernel"] == format_params(E5M2).as_arrays(within=())
+    assert state.grid["dense"]["kernel"].format == E5M2  # static: no arrays
 
 
 def test_fixed_scale_and_bad_arguments():
@@ -282,3 +284,91 @@ def test_empty_and_scalar_leaves_are_stored(rule):
     assert stored["empty"].shape == (0, 3)
     # 1.4 lies between the grid values 1.25 and 1.5 of this scale; only stochastic may go down.
     assert float(stored["scalar"]) in ((1.25, 1.5) if rule == "stochastic" else (1.5,))
+
+
+def _mixed_leaves():
+    """Leaves the storage rounds in groups: small float32 ones of two formats, a bfloat16 one,
+    a scalar, and one too large to concatenate (rounded in place)."""
+    keys = jax.random.split(jax.random.key(7), 6)
+    return {
+        "a": jax.random.normal(keys[0], (7, 5)),
+        "b": 40.0 * jax.random.normal(keys[1], (33,)),
+        "c": jax.random.normal(keys[2], (3, 4, 2)).astype(jnp.bfloat16),
+        "d": jnp.float32(0.3),
+        "e5": 1e-3 * jax.random.normal(keys[3], (9,)),
+        "big": jax.random.normal(keys[4], (FUSED_MAX_ENTRIES + 3,)),
+    }
+
+
+@pytest.mark.parametrize(
+    "rule",
+    ["compensated", pytest.param("nearest", marks=pytest.mark.slow),
+     pytest.param("master", marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_leaves_rounded_together_store_what_each_leaf_stores_alone(rule, monkeypatch):
+    # Small leaves of one format and dtype share a rounding kernel (per-entry scales); every
+    # stored weight, residual and master copy is the one of storing that leaf by itself (the
+    # reference: the same tree with no leaf small enough to join a group).
+    params = _mixed_leaves()
+    rules = PathRules((("e5", "e5m2"),), default="e4m3")
+    groups = leaf_groups(jax.tree.leaves(params), [E4M3] * 6)  # a, b, big, c, d, e5
+    assert [g.leaves for g in groups] == [(0, 1, 4, 5), (2,), (3,)]
+    steps = [
+        jax.tree.map(lambda p, k=k: (0.05 * k) * jnp.cos(jnp.arange(p.size) * k).reshape(p.shape),
+                     params)
+        for k in (1.0, 2.0, 3.0)
+    ]  # fmt: skip
+    together, state, _ = _run(low_precision_storage(rules, rule), params, steps)
+    monkeypatch.setattr(_common, "FUSED_MAX_ENTRIES", 0)
+    assert all(len(g.leaves) == 1 for g in leaf_groups(jax.tree.leaves(params), [E4M3] * 6))
+    alone, alone_state, _ = _run(low_precision_storage(rules, rule), params, steps)
+    for name in params:
+        assert together[name].dtype == params[name].dtype
+        np.testing.assert_array_equal(np.asarray(together[name]), np.asarray(alone[name]))
+        assert float(state.scale[name]) == float(alone_state.scale[name])
+        for field in ("residual", "master"):
+            if getattr(state, field) is not None:
+                np.testing.assert_array_equal(
+                    np.asarray(getattr(state, field)[name]),
+                    np.asarray(getattr(alone_state, field)[name]),
+                )
+
+
+def test_traced_format_rounds_all_small_leaves_as_one_group():
+    params = {k: v for k, v in _mixed_leaves().items() if k != "c"}  # traced: float32 only
+    grads = jax.tree.map(lambda p: 0.01 * jnp.sin(jnp.arange(p.size)).reshape(p.shape), params)
+
+    @jax.jit
+    def step(fmt_params):
+        opt = low_precision_storage(fmt_params, "nearest")
+        updates, state = opt.update(grads, opt.init(params), params)
+        return apply_updates(params, updates, state)
+
+    traced = step(format_params(E3M4).as_arrays())
+    opt = low_precision_storage(E3M4, "nearest")
+    for name in params:
+        leaf = {name: params[name]}
+        updates, state = opt.update({name: grads[name]}, opt.init(leaf), leaf)
+        alone = apply_updates(leaf, updates, state)
+        np.testing.assert_array_equal(np.asarray(traced[name]), np.asarray(alone[name]))
+
+
+@pytest.mark.parametrize("fmt", ["MXFP8_E4M3", "MXFP4"])
+def test_block_leaves_rounded_as_rows_store_what_each_leaf_stores_alone(fmt, monkeypatch):
+    # MX leaves join as the rows of their blocks (the axis moved last, zero-padded to whole
+    # blocks); NVFP4's tensor scale keeps its leaves apart.
+    keys = jax.random.split(jax.random.key(5), 5)
+    params = {
+        "k": jax.random.normal(keys[0], (45, 7)),  # blocks along axis -2, one of them short
+        "v": 3.0 * jax.random.normal(keys[1], (40,)),
+        "t": jax.random.normal(keys[2], (3, 33, 2)),
+    }
+    groups = leaf_groups(jax.tree.leaves(params), [get_format(fmt)] * 3)
+    assert [g.leaves for g in groups] == [(0, 1, 2)]
+    assert len(leaf_groups(jax.tree.leaves(params), [get_format("NVFP4")] * 3)) == 3
+    steps = [jax.tree.map(lambda p, k=k: 0.02 * k * jnp.sign(p), params) for k in (1.0, 2.0)]
+    together, _, _ = _run(low_precision_storage(fmt, "nearest"), params, steps)
+    monkeypatch.setattr(_common, "FUSED_MAX_ENTRIES", 0)  # each leaf alone
+    alone, _, _ = _run(low_precision_storage(fmt, "nearest"), params, steps)
+    for name in params:
+        np.testing.assert_array_equal(np.asarray(together[name]), np.asarray(alone[name]))
