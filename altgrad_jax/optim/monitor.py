@@ -10,7 +10,10 @@ inner transform produced, ``Q(w)`` and ``Q(w + u)``, at the leaf's format and sc
   round-to-nearest always stalls, so this shows *where* a format loses updates;
 * landed ratio: ``sum|Q(w + u) - Q(w)| / sum|u|``, per step and over the run.
 
-All counts are exact integers (``ExactCount`` totals never overflow). With ``every=k`` each step
+Small leaves of one format are rounded together (one vector, or the rows of their MX blocks:
+:func:`~altgrad_jax.optim._common.leaf_groups`), then counted leaf by leaf, so each leaf's counts
+are those it would have alone. All counts are exact integers (``ExactCount`` totals never
+overflow). With ``every=k`` each step
 measures one rotating block of ``1/k`` of every tensor, so each weight is seen every k-th step.
 
 Wrapping the float optimizer (``monitor_stall(optax.adam(lr), fmt)``) shows what nearest

@@ -38,6 +38,11 @@ contraction axis of Flax's Dense and Conv kernels) and along the only axis of a 
 block maximum keeps its scale, and a block whose maximum rounded down halves its scale, which
 holds every stored value exactly. The ``scale`` of such leaves in the state is 1.
 
+Small leaves of one format are rounded together, as one vector with per-entry scales or as the
+rows of their MX blocks (:func:`~altgrad_jax.optim._common.leaf_groups`): each leaf gets the
+values it would get alone, in one kernel instead of one per leaf. A stochastic group draws its
+random bits from one key.
+
 The landed movement is measured against what the same rule would have stored for a zero update
 (the same scale and random bits): only the movement the update caused counts as landed. The
 difference between that and the current weights, the projection of an off-grid start (or of a
