@@ -246,7 +246,7 @@ def test_ctrl_c_stops_a_running_sweep_at_once_and_keeps_the_finished_runs(tmp_pa
 
     out = tmp_path / "out"
     tiny = ["--d-model", "8", "--heads", "1", "--layers", "1", "--context", "8"]
-    long = ["--steps", "20000", "--eval-every", "20000", "--seeds", "1"]
+    long = ["--steps", "6000", "--eval-every", "6000", "--seeds", "1"]
     argv = ["--synthetic", *tiny, *long, "--formats", "E4M3", "--rules", "nearest,stochastic"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "altgrad_jax", "sweep", *argv, "--out", str(out), "--no-progress"],
