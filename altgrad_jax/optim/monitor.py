@@ -31,7 +31,6 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from altgrad_jax._checks import check_positive_int
@@ -41,13 +40,11 @@ from altgrad_jax.blocks import block_grid, quantize_blocks
 from altgrad_jax.formats import BlockFormat, as_params
 from altgrad_jax.optim._common import (
     RunningSum,
-    block_rows,
     check_scale,
     concat_leaves,
     explicitly_sharded,
     find_states,
     flatten_params,
-    from_block_rows,
     iter_leaves,
     leaf_groups,
     per_entry,
@@ -56,7 +53,7 @@ from altgrad_jax.optim._common import (
     split_leaves,
     unbox,
 )
-from altgrad_jax.optim.storage import storage_axis
+from altgrad_jax.optim.storage import joined_blocks, storage_axis
 from altgrad_jax.rules import FormatSpec, check_format_spec
 from altgrad_jax.stall import GRAD_THRESHOLD, ExactCount, safe_ratio
 
@@ -273,19 +270,11 @@ def _rounded_together(
         ws = [w32s[i] for i in group.leaves]
         us = [jnp.asarray(updates[i], jnp.float32) for i in group.leaves]
         if isinstance(group.fmt, BlockFormat):
-            size = group.fmt.block_shape[0]
-            axes = [storage_axis(group.fmt, w.ndim) for w in ws]
-            w_rows = [block_rows(w, size, a) for w, a in zip(ws, axes, strict=True)]
-            new_rows = [block_rows(w + u, size, a) for w, u, a in zip(ws, us, axes, strict=True)]
-            old, spacing = block_grid(jnp.concatenate(w_rows), group.fmt, -1)
-            new = quantize_blocks(jnp.concatenate(new_rows), group.fmt, -1)
-            rounded = jax.lax.optimization_barrier((old, new, spacing))
-            cuts = np.cumsum([len(r) for r in w_rows])[:-1].tolist()
-            parts = [
-                [from_block_rows(p, w, a) for p, w, a in zip(jnp.split(x, cuts), ws, axes,
-                                                              strict=True)]
-                for x in rounded
-            ]  # fmt: skip
+            old_rows, split = joined_blocks(ws, group.fmt)
+            new_rows, _ = joined_blocks([w + u for w, u in zip(ws, us, strict=True)], group.fmt)
+            old, spacing = block_grid(old_rows, group.fmt, -1)
+            new = quantize_blocks(new_rows, group.fmt, -1)
+            parts = [split(x) for x in jax.lax.optimization_barrier((old, new, spacing))]
         else:
             grid = _tensor_grid(group.fmt, per_entry([scales[i] for i in group.leaves], ws))
             rounded = jax.lax.optimization_barrier(grid(concat_leaves(ws), concat_leaves(us)))

@@ -52,6 +52,7 @@ rescaled grid), is reported apart as ``projected``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -188,6 +189,24 @@ def storage_axis(fmt: BlockFormat, ndim: int) -> int | None:
     return -2 if ndim >= 2 else -1
 
 
+def joined_blocks(
+    xs: list[jax.Array], fmt: BlockFormat
+) -> tuple[jax.Array, Callable[[jax.Array], list[jax.Array]]]:
+    """The 1-D blocks of ``xs`` (along each leaf's :func:`storage_axis`) as the rows of one
+    matrix (:func:`~altgrad_jax.optim._common.block_rows`), and the function that cuts such a
+    matrix back into arrays shaped like ``xs``."""
+    size = fmt.block_shape[0]
+    axes = [storage_axis(fmt, x.ndim) for x in xs]
+    rows = [block_rows(x, size, axis) for x, axis in zip(xs, axes, strict=True)]
+    cuts = np.cumsum([len(r) for r in rows])[:-1].tolist()
+
+    def split(matrix: jax.Array) -> list[jax.Array]:
+        parts = jnp.split(matrix, cuts)
+        return [from_block_rows(p, x, a) for p, x, a in zip(parts, xs, axes, strict=True)]
+
+    return jnp.concatenate(rows), split
+
+
 def store(x: jax.Array, fmt: Any, s: Any, rounding: str, key: jax.Array | None) -> jax.Array:
     """``x`` rounded onto a leaf's grid: per-tensor ``fmt`` at scale ``s``, or its blocks."""
     if isinstance(fmt, StaticGrid):
@@ -213,12 +232,8 @@ def _store_group(
     if len(xs) == 1:
         return [store(xs[0], fmt, scales[0], rounding, key)]
     if isinstance(fmt, BlockFormat):
-        size = fmt.block_shape[0]
-        axes = [storage_axis(fmt, x.ndim) for x in xs]
-        rows = [block_rows(x, size, axis) for x, axis in zip(xs, axes, strict=True)]
-        stored = quantize(jnp.concatenate(rows), fmt, rounding=rounding, key=key, axis=-1)
-        parts = jnp.split(stored, np.cumsum([len(r) for r in rows])[:-1].tolist())
-        return [from_block_rows(p, x, a) for p, x, a in zip(parts, xs, axes, strict=True)]
+        rows, split = joined_blocks(xs, fmt)
+        return split(quantize(rows, fmt, rounding=rounding, key=key, axis=-1))
     stored = store(concat_leaves(xs), fmt, per_entry(scales, xs), rounding, key)
     return split_leaves(stored, xs)
 
